@@ -1,0 +1,18 @@
+"""The Django app: connects the worker-side result hook once Django is ready."""
+
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class CelerySchedullerConfig(AppConfig):
+    """App config of celery_scheduller."""
+
+    name = "celery_scheduller"
+    verbose_name = "Scheduled alarms"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from . import hooks
+
+        hooks.connect()

@@ -1,0 +1,47 @@
+"""Settings, read lazily from Django's settings with the ``CELERY_SCHEDULLER_`` prefix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings as django_settings
+
+PREFIX = "CELERY_SCHEDULLER_"
+
+DEFAULTS: dict[str, Any] = {
+    # Dotted paths of every Scheduller class that beat and workers serve.
+    "CLASSES": [],
+    # How often (ms) beat looks for alarms it did not load itself: late arrivals inside its window,
+    # retries written by workers, attempts whose response is overdue.
+    "POLL_INTERVAL": 500,
+    # How many alarms one claim (one guarded UPDATE) takes at most.
+    "BATCH_SIZE": 500,
+    # After ``service_responded`` raised or returned garbage, the alarm is tried again this much later (ms).
+    "ERROR_BACKOFF": 10_000,
+    # While a beat handles a timed-out attempt it holds it this long (ms); if that beat dies meanwhile,
+    # another one takes the attempt over after it.
+    "TIMEOUT_LEASE": 60_000,
+    # An alarm published more than this (ms) after its time carries ``assigns["late"] = True``.
+    "LATE_AFTER": 1_000,
+}
+
+
+class Settings:
+    """The package's settings with their defaults, read from Django settings at each access."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(name)
+        return getattr(django_settings, PREFIX + name, DEFAULTS[name])
+
+    def positive_ms(self, name: str) -> int:
+        """A setting that must be a positive number of milliseconds."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            from .exceptions import ConfigurationError
+
+            raise ConfigurationError(f"{PREFIX}{name} must be a positive integer (ms), got {value!r}")
+        return value
+
+
+settings = Settings()

@@ -1,0 +1,143 @@
+"""Beat's alarm loop: load windows, claim what is due, publish it, answer overdue attempts.
+
+``AlarmEngine.tick(now, producer)`` is one pass; it reads no clock itself. The beat shell
+(``schedulers.AlarmScheduler``) reads the clock once per tick and handles errors around it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from celery import Celery
+
+from . import registry, responses, store
+from .conf import settings
+from .hooks import header_of, task_id_of
+from .message import Message, Response
+from .planning import DueHeap, Window, next_wakeup
+
+logger = logging.getLogger("celery_scheduller")
+
+
+class PublishFailed(Exception):
+    """The broker refused a publish; the claimed attempts were released to pending."""
+
+
+def to_datetime(moment: float) -> dt.datetime:
+    """An epoch timestamp as an aware UTC datetime."""
+    return dt.datetime.fromtimestamp(moment, dt.UTC)
+
+
+class AlarmEngine:
+    """The alarm side of one beat process: the loaded windows and the heap of due times."""
+
+    def __init__(self, app: Celery, names: Callable[[], Sequence[str]] = registry.names) -> None:
+        self.app = app
+        self._names = names
+        self.heap = DueHeap()
+        self.windows: dict[str, Window] = {}
+        self.next_poll_at = float("-inf")
+        self.published = 0
+        self.timeouts = 0
+
+    def tick(self, now: float, producer: Any) -> float:
+        """One pass at ``now`` (epoch seconds); returns the seconds until the next pass is needed."""
+        names = self._names()
+        if not names:
+            return settings.positive_ms("POLL_INTERVAL") / 1000
+        for name in names:
+            self._load_window(name, now)
+        polling = now >= self.next_poll_at
+        more = False
+        if self.heap.pop_due(now) or polling:
+            more = self._publish_due(names, to_datetime(now), producer)
+        if polling:
+            more = self._answer_timeouts(names, to_datetime(now)) or more
+            self.next_poll_at = now + settings.positive_ms("POLL_INTERVAL") / 1000
+        if more:
+            return 0.0
+        return next_wakeup(
+            now, self.heap.next_due(), self.next_poll_at, *(window.next_load_at for window in self.windows.values())
+        )
+
+    def _load_window(self, name: str, now: float) -> None:
+        window = self.windows.get(name)
+        scheduller = registry.get(name)
+        if window is None:
+            interval = scheduller.in_memory_interval()
+            if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
+                raise ValueError(f"{name}.in_memory_interval() must return a positive integer (ms), got {interval!r}")
+            window = self.windows[name] = Window(interval / 1000)
+        if not window.load_due(now):
+            return
+        load_from, load_until = window.next_load(now)
+        messages = scheduller.load_alarms(
+            None if load_from is None else to_datetime(load_from), to_datetime(load_until)
+        )
+        held = 0
+        for message in messages:
+            due = message.dispatch_at
+            if due is not None and self.heap.push(message.id, due.timestamp()):
+                held += 1
+        window.loaded(load_until, now)
+        logger.info(
+            "loaded %s alarms of %s due until %s (%s held)",
+            held,
+            name,
+            to_datetime(load_until).isoformat(),
+            len(self.heap),
+            extra={"action": "loaded", "scheduller": name},
+        )
+
+    def _publish_due(self, names: Sequence[str], now: dt.datetime, producer: Any) -> bool:
+        """Claim one batch of due alarms and publish it; True when the batch was full."""
+        limit = settings.positive_ms("BATCH_SIZE")
+        rows = store.claim_due(names, now, limit)
+        late_before = now - dt.timedelta(milliseconds=settings.LATE_AFTER)
+        for index, row in enumerate(rows):
+            ref = store.AttemptRef(row["pk"], row["scheduller"], row["attempt"], row["deadline"])
+            message = store.message_from_row(row)
+            if row["dispatch_at"] < late_before:
+                message = message.assign("late", True)
+            try:
+                self._send(ref, message, producer)
+            except Exception as exc:
+                unsent = [
+                    store.AttemptRef(r["pk"], r["scheduller"], r["attempt"], r["deadline"]) for r in rows[index:]
+                ]
+                store.release(unsent, now)
+                raise PublishFailed(f"publishing alarm {message.id} failed; released {len(unsent)} claims") from exc
+            logger.debug(
+                "published alarm %s attempt %s",
+                message.id,
+                ref.attempt,
+                extra={"alarm_id": message.id, "attempt": ref.attempt, "action": "published"},
+            )
+        self.published += len(rows)
+        if rows:
+            logger.info("published %s alarms", len(rows), extra={"action": "published", "count": len(rows)})
+        return len(rows) == limit
+
+    def _send(self, ref: store.AttemptRef, message: Message, producer: Any) -> None:
+        self.app.send_task(
+            message.service_name,
+            kwargs=message.raw_request,
+            task_id=task_id_of(message.id, ref.attempt),
+            headers=header_of(ref, message),
+            expires=ref.deadline,
+            producer=producer,
+            retry=False,
+        )
+
+    def _answer_timeouts(self, names: Sequence[str], now: dt.datetime) -> bool:
+        """Answer attempts whose deadline passed with a ``timeout`` response; True when more may wait."""
+        limit = settings.positive_ms("BATCH_SIZE")
+        lease_until = now + dt.timedelta(milliseconds=settings.positive_ms("TIMEOUT_LEASE"))
+        leased = store.lease_timeouts(names, now, lease_until, limit)
+        for ref, message in leased:
+            responses.respond(ref, message, Response("timeout"), now)
+        self.timeouts += len(leased)
+        return len(leased) == limit

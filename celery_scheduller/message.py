@@ -1,0 +1,200 @@
+"""Message and Response: what is scheduled and what came back, both plain JSON on the wire.
+
+``Message`` is the seed's ``X3m.System.Message`` reduced to the fields a scheduled delivery needs.
+Messages are immutable: ``assign`` returns a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from .exceptions import InvalidAlarm
+
+#: The key that marks an encoded datetime inside stored or transported JSON.
+DATETIME_TAG = "$datetime"
+
+Status = Literal["ok", "error", "timeout"]
+STATUSES: tuple[Status, ...] = ("ok", "error", "timeout")
+
+
+def to_json_value(value: Any, where: str = "value") -> Any:
+    """Return ``value`` as JSON-native data, aware datetimes tagged so they come back as datetimes.
+
+    Raises ``InvalidAlarm`` naming ``where`` for anything JSON cannot carry (sets, objects, naive
+    datetimes, non-string keys), so bad input fails where it is given, never later in beat.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InvalidAlarm(f"{where}: {value!r} is not valid JSON")
+        return value
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidAlarm(f"{where}: naive datetime {value!r}; use a timezone-aware datetime")
+        return {DATETIME_TAG: value.astimezone(dt.UTC).isoformat()}
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidAlarm(f"{where}: key {key!r} is not a string; JSON objects have string keys")
+            if key == DATETIME_TAG:
+                raise InvalidAlarm(f"{where}: the key {DATETIME_TAG!r} is reserved")
+            out[key] = to_json_value(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    raise InvalidAlarm(f"{where}: {type(value).__name__} {value!r} is not JSON-serializable")
+
+
+def from_json_value(value: Any) -> Any:
+    """Inverse of ``to_json_value``: tagged datetimes become aware datetimes again."""
+    if isinstance(value, dict):
+        if len(value) == 1 and DATETIME_TAG in value:
+            return dt.datetime.fromisoformat(value[DATETIME_TAG])
+        return {key: from_json_value(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [from_json_value(item) for item in value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Response:
+    """What came back for one delivery attempt.
+
+    ``status`` is ``"ok"`` (``value`` holds the task's return value), ``"error"`` (``error`` names the
+    exception, also for time limits and lost workers) or ``"timeout"`` (nothing within
+    ``dispatch_timeout``).
+    """
+
+    status: Status
+    value: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the task ran and returned."""
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-native form, for storage and task headers."""
+        try:
+            value = to_json_value(self.value, "response value")
+        except InvalidAlarm:
+            value = repr(self.value)
+        return {"status": self.status, "value": value, "error": self.error}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Response:
+        """Build a Response from ``to_json`` output."""
+        status = data["status"]
+        if status not in STATUSES:
+            raise ValueError(f"unknown response status {status!r}")
+        return cls(status=status, value=from_json_value(data.get("value")), error=data.get("error"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """A message to deliver: the Celery task ``service_name`` called with ``raw_request`` as kwargs.
+
+    Build one with ``Message.new``. ``assigns`` carries user data across retries; the package sets
+    ``assigns["dispatch_at"]`` (and ``assigns["late"]`` for an alarm published after its time).
+    """
+
+    service_name: str
+    raw_request: dict[str, Any]
+    id: str
+    correlation_id: str
+    causation_id: str
+    assigns: dict[str, Any] = dataclasses.field(default_factory=dict)
+    response: Response | None = None
+
+    @classmethod
+    def new(
+        cls,
+        service_name: str,
+        raw_request: Mapping[str, Any] | None = None,
+        *,
+        id: str | None = None,  # noqa: A002 - the seed's field name
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        assigns: Mapping[str, Any] | None = None,
+    ) -> Message:
+        """Create a message; ``id`` is generated when omitted, the correlation ids default to it."""
+        if not isinstance(service_name, str) or not service_name:
+            raise InvalidAlarm(f"service_name must be a non-empty task name, got {service_name!r}")
+        if raw_request is None:
+            raw_request = {}
+        if not isinstance(raw_request, Mapping):
+            raise InvalidAlarm(
+                f"raw_request must be a dict (it becomes the task's keyword arguments), "
+                f"got {type(raw_request).__name__}"
+            )
+        message_id = uuid.uuid4().hex if id is None else id
+        for name, value in (("id", message_id), ("correlation_id", correlation_id), ("causation_id", causation_id)):
+            if value is not None and (not isinstance(value, str) or not value or len(value) > 255):
+                raise InvalidAlarm(f"{name} must be a non-empty string of at most 255 characters, got {value!r}")
+        return cls(
+            service_name=service_name,
+            raw_request=dict(raw_request),
+            id=message_id,
+            correlation_id=correlation_id or message_id,
+            causation_id=causation_id or message_id,
+            assigns=dict(assigns or {}),
+        )
+
+    def assign(self, key: str, value: Any) -> Message:
+        """Return a copy with ``assigns[key] = value``."""
+        return dataclasses.replace(self, assigns={**self.assigns, key: value})
+
+    def with_response(self, response: Response | None) -> Message:
+        """Return a copy carrying ``response``."""
+        return dataclasses.replace(self, response=response)
+
+    @property
+    def dispatch_at(self) -> dt.datetime | None:
+        """When the alarm is due (``assigns["dispatch_at"]``), or None before it was dispatched."""
+        value = self.assigns.get("dispatch_at")
+        return value if isinstance(value, dt.datetime) else None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-native form; raises ``InvalidAlarm`` when a field cannot be carried as JSON."""
+        return {
+            "service_name": self.service_name,
+            "raw_request": to_json_value(self.raw_request, "raw_request"),
+            "id": self.id,
+            "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
+            "assigns": to_json_value(self.assigns, "assigns"),
+            "response": None if self.response is None else self.response.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Message:
+        """Build a Message from ``to_json`` output."""
+        response = data.get("response")
+        return cls(
+            service_name=data["service_name"],
+            raw_request=from_json_value(data["raw_request"]),
+            id=data["id"],
+            correlation_id=data.get("correlation_id") or data["id"],
+            causation_id=data.get("causation_id") or data["id"],
+            assigns=from_json_value(data.get("assigns") or {}),
+            response=None if response is None else Response.from_json(response),
+        )
+
+    def dumps(self) -> str:
+        """The message as one JSON string."""
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, text: str) -> Message:
+        """Inverse of ``dumps``."""
+        return cls.from_json(json.loads(text))

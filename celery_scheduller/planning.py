@@ -1,0 +1,80 @@
+"""Pure planning logic of beat: load windows and the heap of due times. Time is always an argument."""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+
+@dataclasses.dataclass
+class Window:
+    """The slice of time one Scheduller's alarms are loaded for.
+
+    Every ``interval`` seconds the next load covers up to ``now + 2 × interval``; it starts where the
+    previous one ended, so each alarm is loaded once and ``loaded_until`` stays ``2 × interval`` ahead
+    of the clock instead of drifting away from it.
+    """
+
+    interval: float
+    loaded_until: float | None = None
+    next_load_at: float = float("-inf")
+
+    def load_due(self, now: float) -> bool:
+        """True when it is time for the next load."""
+        return now >= self.next_load_at
+
+    def next_load(self, now: float) -> tuple[float | None, float]:
+        """The ``(load_from, load_until)`` of the load made at ``now`` (``load_from`` None on start)."""
+        until = now + 2 * self.interval
+        if self.loaded_until is not None:
+            until = max(until, self.loaded_until)
+        return self.loaded_until, until
+
+    def loaded(self, until: float, now: float) -> None:
+        """Record a load that succeeded at ``now`` up to ``until``."""
+        self.loaded_until = until
+        self.next_load_at = now + self.interval
+
+
+class DueHeap:
+    """Alarm ids by due time, each id held once: the in-memory window."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[float, str]] = []
+        self._held: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __contains__(self, alarm_id: object) -> bool:
+        return alarm_id in self._held
+
+    def push(self, alarm_id: str, due: float) -> bool:
+        """Hold ``alarm_id`` due at ``due``; False (and nothing changes) when it is already held."""
+        if alarm_id in self._held:
+            return False
+        self._held[alarm_id] = due
+        heapq.heappush(self._entries, (due, alarm_id))
+        return True
+
+    def pop_due(self, now: float) -> list[str]:
+        """Remove and return every held id due at or before ``now``, earliest first."""
+        due: list[str] = []
+        entries = self._entries
+        while entries and entries[0][0] <= now:
+            _, alarm_id = heapq.heappop(entries)
+            if self._held.pop(alarm_id, None) is not None:
+                due.append(alarm_id)
+        return due
+
+    def next_due(self) -> float | None:
+        """The earliest due time held, or None when empty."""
+        return self._entries[0][0] if self._entries else None
+
+
+def next_wakeup(now: float, *moments: float | None) -> float:
+    """Seconds from ``now`` until the earliest of ``moments`` (never negative); ignores None."""
+    upcoming = [moment for moment in moments if moment is not None]
+    if not upcoming:
+        raise ValueError("next_wakeup needs at least one moment")
+    return max(0.0, min(upcoming) - now)

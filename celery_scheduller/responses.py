@@ -1,0 +1,68 @@
+"""Turning a response into the alarm's next state, shared by the worker hook and beat's timeouts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from . import registry, store
+from .conf import settings
+from .message import Message, Response
+from .scheduller import OK, validate_decision
+
+logger = logging.getLogger("celery_scheduller")
+
+
+def respond(ref: store.AttemptRef, message: Message, response: Response, now: dt.datetime) -> str:
+    """Call the owner's ``service_responded`` and store its decision for attempt ``ref``.
+
+    Returns the action taken: ``"finished"``, ``"retried"``, ``"error_backoff"`` or ``"ignored"``
+    (the attempt was answered, timed out or cancelled meanwhile). Never raises for a user error:
+    a failing or invalid ``service_responded`` is logged and the alarm tried again after a back-off.
+    """
+    answered = message.with_response(response)
+    log_extra = {"alarm_id": message.id, "attempt": ref.attempt, "status": response.status}
+    try:
+        scheduller = registry.get(ref.scheduller)
+        decision = validate_decision(scheduller.service_responded(answered), message)
+    except Exception:
+        backoff = settings.positive_ms("ERROR_BACKOFF")
+        logger.exception(
+            "service_responded failed for alarm %s; retrying in %s ms",
+            message.id,
+            backoff,
+            extra={**log_extra, "action": "error_backoff"},
+        )
+        due = now + dt.timedelta(milliseconds=backoff)
+        again = message.assign("dispatch_at", due)
+        applied = store.retry(ref, again, due, _timeout_or_default(ref, again), response, now)
+        return _logged(applied, "error_backoff", message, log_extra)
+
+    if decision is OK:
+        return _logged(store.finish(ref), "finished", message, log_extra)
+
+    assert not isinstance(decision, type(OK))
+    due = now + dt.timedelta(milliseconds=decision.in_ms)
+    again = (decision.message or message).with_response(None).assign("dispatch_at", due)
+    timeout = scheduller._timeout_of(again)
+    return _logged(store.retry(ref, again, due, timeout, response, now), "retried", message, log_extra)
+
+
+def _timeout_or_default(ref: store.AttemptRef, message: Message) -> int:
+    try:
+        return registry.get(ref.scheduller)._timeout_of(message)
+    except Exception:
+        logger.exception("dispatch_timeout failed for alarm %s", message.id, extra={"alarm_id": message.id})
+        return 5_000
+
+
+def _logged(applied: bool, action: str, message: Message, log_extra: dict[str, object]) -> str:
+    if not applied:
+        logger.info(
+            "response for alarm %s ignored: the attempt was already answered, timed out or cancelled",
+            message.id,
+            extra={**log_extra, "action": "ignored"},
+        )
+        return "ignored"
+    logger.info("alarm %s %s", message.id, action, extra={**log_extra, "action": action})
+    return action

@@ -1,0 +1,83 @@
+"""The beat shell: ``celery beat -S celery_scheduller.schedulers:AlarmScheduler`` (alias ``-S celery_scheduller``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery.beat import PersistentScheduler
+
+logger = logging.getLogger("celery_scheduller")
+
+#: Seconds to wait after a database or broker error before the alarm side tries again.
+ERROR_PAUSE = 1.0
+
+
+def _ensure_django() -> None:
+    from django.apps import apps
+
+    if not apps.ready:
+        import django
+
+        django.setup()
+
+
+class AlarmScheduler(PersistentScheduler):
+    """A beat scheduler that delivers alarms and also runs the project's ``beat_schedule`` entries.
+
+    Periodic entries behave exactly as with Celery's default scheduler (their last run times are kept
+    in ``beat_schedule_filename``). The alarm side reads the clock once per tick; a database or broker
+    error is logged and retried after ``ERROR_PAUSE`` seconds, never ending the loop.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _ensure_django()
+        from .engine import AlarmEngine
+
+        # Named apart from celery.beat.Scheduler's own attributes (``_heap`` among them).
+        self.alarm_engine = AlarmEngine(kwargs.get("app") or args[0])
+        self._alarm_pause_until = 0.0
+        super().__init__(*args, **kwargs)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        """Run due alarms, then one periodic entry; return the seconds to sleep."""
+        alarm_delay = self.tick_alarms(time.time())
+        periodic_delay: float = super().tick(*args, **kwargs)
+        return min(alarm_delay, periodic_delay)
+
+    def tick_alarms(self, now: float) -> float:
+        """The alarm side of one tick at ``now``; errors are logged and paused on, never raised."""
+        if now < self._alarm_pause_until:
+            return self._alarm_pause_until - now
+        from django.db import DatabaseError, close_old_connections, connection
+
+        try:
+            return self.alarm_engine.tick(now, self.producer)
+        except DatabaseError:
+            logger.exception("database error in beat; retrying in %ss", ERROR_PAUSE, extra={"action": "db_error"})
+            close_old_connections()
+            if connection.connection is not None and not connection.is_usable():
+                connection.close()
+        except Exception:
+            logger.exception("alarm publishing failed; retrying in %ss", ERROR_PAUSE, extra={"action": "error"})
+            self._drop_broker_connection()
+        self._alarm_pause_until = now + ERROR_PAUSE
+        return ERROR_PAUSE
+
+    def _drop_broker_connection(self) -> None:
+        # The base class caches both; dropping them makes the next tick reconnect.
+        self.__dict__.pop("producer", None)
+        broker = self.__dict__.pop("connection", None)
+        if broker is not None:
+            try:
+                broker.release()
+            except Exception:
+                logger.debug("releasing the broken broker connection failed", exc_info=True)
+
+    @property
+    def info(self) -> str:
+        """Shown in beat's start-up banner."""
+        from . import registry
+
+        return f"    . alarms -> {', '.join(registry.names()) or '(no CELERY_SCHEDULLER_CLASSES)'}\n{super().info}"

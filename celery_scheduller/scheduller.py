@@ -1,0 +1,239 @@
+"""The Scheduller behaviour: the seed's callbacks as methods, and the calls that schedule alarms."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Final, final
+
+from . import registry
+from .exceptions import InvalidAlarm
+from .message import Message
+
+
+@final
+class _Ok:
+    """The type of ``OK``."""
+
+    _instance: ClassVar[_Ok | None] = None
+
+    def __new__(cls) -> _Ok:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "OK"
+
+
+#: ``service_responded`` returns this when the alarm is done: it is removed from the schedule.
+OK: Final = _Ok()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retry:
+    """``service_responded``'s answer to deliver again ``in_ms`` from now, as ``message`` if given."""
+
+    in_ms: int
+    message: Message | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.in_ms, bool) or not isinstance(self.in_ms, int) or self.in_ms < 0:
+            raise InvalidAlarm(f"Retry.in_ms must be a non-negative integer of milliseconds, got {self.in_ms!r}")
+        if self.message is not None and not isinstance(self.message, Message):
+            raise InvalidAlarm(f"Retry.message must be a Message, got {type(self.message).__name__}")
+
+
+Decision = _Ok | Retry
+
+_DEFAULT_INTERVAL_MS = 60_000
+_DEFAULT_TIMEOUT_MS = 5_000
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Scheduller:
+    """Subclass this, list it in ``CELERY_SCHEDULLER_CLASSES`` and implement ``service_responded``.
+
+    ``state`` is kept as ``self.state``. The instance constructed last in a process is the one that
+    process (web, beat, worker) calls back; where none was constructed, ``cls()`` is used.
+    """
+
+    #: The name alarms are stored under; default: the dotted path of the class.
+    name: ClassVar[str | None] = None
+
+    def __init__(self, state: Any = None) -> None:
+        self.state = state
+        registry.serve(self)
+
+    @classmethod
+    def scheduller_name(cls) -> str:
+        """The name alarms of this class are stored under."""
+        return cls.name or f"{cls.__module__}.{cls.__qualname__}"
+
+    # -- the seed's callbacks --------------------------------------------------------------------
+
+    def service_responded(self, message: Message) -> Decision:
+        """Called with ``message.response`` set; return ``OK`` or ``Retry(in_ms, message)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement service_responded")
+
+    def in_memory_interval(self) -> int:
+        """How often (ms) beat loads alarms; each load covers the next 2 × this."""
+        return _DEFAULT_INTERVAL_MS
+
+    def dispatch_timeout(self, message: Message) -> int:
+        """How long (ms, counted from publish) a response is waited for before a ``timeout``."""
+        return _DEFAULT_TIMEOUT_MS
+
+    def save_alarm(self, message: Message, aggregate_id: str) -> None:
+        """Persist ``message`` as a pending alarm; ``message.assigns["dispatch_at"]`` says when.
+
+        Overrides must call ``super().save_alarm``: beat claims and publishes from the package's table.
+        """
+        from . import store
+
+        store.insert([self._new_alarm(message, aggregate_id)])
+
+    def load_alarms(self, load_from: dt.datetime | None, load_until: dt.datetime) -> list[Message]:
+        """Pending alarms due in ``(load_from, load_until]``; ``load_from`` is None on start."""
+        from . import store
+
+        rows = store.pending_between(self.scheduller_name(), load_from, load_until)
+        return [store.message_from_row(row) for row in rows]
+
+    # -- scheduling --------------------------------------------------------------------------------
+
+    def dispatch(
+        self,
+        message: Message,
+        aggregate_id: str,
+        *,
+        at: dt.datetime | None = None,
+        in_ms: int | None = None,
+        now: dt.datetime | None = None,
+    ) -> Message:
+        """Schedule ``message`` at ``at`` (aware) or ``in_ms`` from ``now``; return the saved Message.
+
+        An id already stored is left unchanged. Inside ``transaction.atomic()`` the alarm commits or
+        rolls back with the caller's data.
+        """
+        scheduled = self._prepare(message, aggregate_id, at, in_ms, now or _now())
+        self.save_alarm(scheduled, aggregate_id)
+        return scheduled
+
+    def dispatch_many(
+        self,
+        alarms: Iterable[tuple[Message, str, dt.datetime]],
+        *,
+        now: dt.datetime | None = None,
+    ) -> list[Message]:
+        """Schedule many ``(message, aggregate_id, at)`` at once; every one is checked before any is saved."""
+        from . import store
+
+        now = now or _now()
+        prepared = [(self._prepare(message, aggregate_id, at, None, now), aggregate_id) for message, aggregate_id, at in alarms]
+        if type(self).save_alarm is Scheduller.save_alarm:
+            store.insert([self._new_alarm(message, aggregate_id) for message, aggregate_id in prepared])
+        else:
+            for message, aggregate_id in prepared:
+                self.save_alarm(message, aggregate_id)
+        return [message for message, _ in prepared]
+
+    def cancel(self, message_id: str) -> bool:
+        """Remove the alarm with this message id; True if there was one."""
+        from . import store
+
+        registry.check_served(type(self))
+        return store.cancel(self.scheduller_name(), [message_id]) > 0
+
+    def cancel_aggregate(self, aggregate_id: str) -> int:
+        """Remove every alarm of ``aggregate_id``; return how many there were."""
+        from . import store
+
+        registry.check_served(type(self))
+        return store.cancel_aggregate(self.scheduller_name(), aggregate_id)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _prepare(
+        self,
+        message: Message,
+        aggregate_id: str,
+        at: dt.datetime | None,
+        in_ms: int | None,
+        now: dt.datetime,
+    ) -> Message:
+        registry.check_served(type(self))
+        if not isinstance(message, Message):
+            raise InvalidAlarm(f"dispatch needs a Message (Message.new(...)), got {type(message).__name__}")
+        if not isinstance(aggregate_id, str) or not aggregate_id or len(aggregate_id) > 255:
+            raise InvalidAlarm(f"aggregate_id must be a non-empty string of at most 255 characters, got {aggregate_id!r}")
+        dispatch_at = due_time(at, in_ms, now)
+        _check_task(message.service_name)
+        scheduled = message.assign("dispatch_at", dispatch_at)
+        if dispatch_at < now:
+            scheduled = scheduled.assign("late", True)
+        scheduled.to_json()  # raises InvalidAlarm naming the field that JSON cannot carry
+        return scheduled
+
+    def _new_alarm(self, message: Message, aggregate_id: str) -> Any:
+        from . import store
+
+        return store.NewAlarm(self.scheduller_name(), message, aggregate_id, self._timeout_of(message))
+
+    def _timeout_of(self, message: Message) -> int:
+        timeout = self.dispatch_timeout(message)
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+            raise InvalidAlarm(f"dispatch_timeout must return a positive integer (ms), got {timeout!r}")
+        return timeout
+
+
+def due_time(at: dt.datetime | None, in_ms: int | None, now: dt.datetime) -> dt.datetime:
+    """When an alarm given ``at`` or ``in_ms`` is due; exactly one of them must be given."""
+    if (at is None) == (in_ms is None):
+        raise InvalidAlarm("give exactly one of at= (an aware datetime) or in_ms= (milliseconds from now)")
+    if at is not None:
+        if not isinstance(at, dt.datetime):
+            raise InvalidAlarm(f"at must be a datetime, got {type(at).__name__}")
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise InvalidAlarm(f"at={at!r} is naive; pass a timezone-aware datetime (e.g. django.utils.timezone.now())")
+        return at.astimezone(dt.UTC)
+    if isinstance(in_ms, bool) or not isinstance(in_ms, int):
+        raise InvalidAlarm(f"in_ms must be an integer of milliseconds, got {in_ms!r}")
+    if in_ms < 0:
+        raise InvalidAlarm(f"in_ms must not be negative, got {in_ms}")
+    return now + dt.timedelta(milliseconds=in_ms)
+
+
+def _check_task(name: str) -> None:
+    """Refuse a task name the Celery app does not know, when the app has registered its tasks."""
+    from celery import current_app
+
+    tasks = current_app.tasks
+    if not any(not task.startswith("celery.") for task in tasks):
+        return  # this process never loaded the project's tasks; beat resolves the name at publish
+    if name not in tasks:
+        raise InvalidAlarm(f"no Celery task named {name!r} is registered with app {current_app.main!r}")
+
+
+def validate_decision(decision: object, message: Message) -> Decision:
+    """Check what ``service_responded`` returned; raise ``InvalidResponse`` for anything else."""
+    from .exceptions import InvalidResponse
+
+    if decision is OK:
+        return OK
+    if isinstance(decision, Retry):
+        if decision.message is not None:
+            if decision.message.id != message.id:
+                raise InvalidResponse(
+                    f"Retry carries message id {decision.message.id!r}, expected {message.id!r}"
+                )
+            decision.message.to_json()
+        return decision
+    raise InvalidResponse(f"service_responded returned {decision!r}; expected OK or Retry(in_ms, message)")
+
+
+__all__: Sequence[str] = ["OK", "Retry", "Scheduller", "due_time", "validate_decision"]

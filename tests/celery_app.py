@@ -1,0 +1,13 @@
+"""The Celery app of the test suite (worker: ``celery -A tests.celery_app worker``)."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+
+app = Celery("tests")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks(["tests.testapp"])

@@ -1,0 +1,99 @@
+"""Shared fixtures: a real Celery worker subprocess and an in-process beat scheduler."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, step: float = 0.05) -> object:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+@pytest.fixture(scope="session")
+def worker(django_db_setup: None, django_db_blocker: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A real ``celery worker`` (prefork) on the test database and the Redis broker."""
+    from django.conf import settings
+    from django.db import connection
+
+    from tests.celery_app import app
+
+    with app.connection_for_write() as conn:
+        conn.default_channel.client.flushdb()  # leftovers of an earlier run would run against this one
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "CSCHED_DB_NAME": str(connection.settings_dict["NAME"]),
+        "CSCHED_LOG": "INFO",
+        "PYTHONPATH": str(ROOT),
+    }
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "-P", "prefork", "-c", "3",
+             "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"csched-test-{os.getpid()}@%h"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "ready." not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"celery worker did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if os.environ.get("CSCHED_SHOW_WORKER_LOG"):
+            print(log.read_text()[-20000:])
+    _ = settings
+
+
+@pytest.fixture
+def beat(tmp_path: Path) -> Callable[..., object]:
+    """Build in-process ``AlarmScheduler`` instances (beats) on the test app."""
+    from celery_scheduller.schedulers import AlarmScheduler
+    from tests.celery_app import app
+
+    made: list[AlarmScheduler] = []
+
+    def make(**kwargs: object) -> AlarmScheduler:
+        scheduler = AlarmScheduler(app=app, schedule_filename=str(tmp_path / f"beat-{len(made)}"), **kwargs)
+        made.append(scheduler)
+        return scheduler
+
+    yield make
+    for scheduler in made:
+        scheduler.close()
+
+
+def run_beat(scheduler: object, until: Callable[[], object], timeout: float, what: str) -> object:
+    """Tick ``scheduler``'s alarm side (sleeping as it asks, at most 50 ms) until ``until()`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        delay = scheduler.tick_alarms(time.time())  # type: ignore[attr-defined]
+        result = until()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(min(max(delay, 0.005), 0.05))

@@ -1,0 +1,138 @@
+"""Delivery, responses and retries through a real worker and an in-process beat."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import pytest
+from django.utils import timezone
+
+from celery_scheduller import Message
+from celery_scheduller.models import Alarm
+from tests.conftest import run_beat, wait_for
+from tests.testapp.alarms import TestAlarms
+from tests.testapp.models import Answer, Run
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker, pytest.mark.usefixtures("worker")]
+
+
+def test_alarm_is_delivered_on_time_and_removed_after_ok(beat):
+    alarms = TestAlarms()
+    scheduler = beat()
+    scheduler.tick_alarms(time.time())  # the window is loaded before the alarm exists: a late arrival
+    saved = alarms.dispatch(Message.new("testapp.record", {"result": 42}, id="on-time"), "agg-1", in_ms=1500)
+
+    run = run_beat(scheduler, lambda: Run.objects.filter(message_id="on-time").first(), 10, "the task to run")
+    lateness = (run.started_at - saved.dispatch_at).total_seconds()
+    assert -0.05 <= lateness < 1.0, lateness
+    assert run.kwargs == {"result": 42}
+    answer = wait_for(lambda: Answer.objects.filter(message_id="on-time").first(), 10, "service_responded")
+    assert (answer.status, answer.value, answer.decision) == ("ok", 42, "ok")
+    wait_for(lambda: not Alarm.objects.filter(message_id="on-time").exists(), 10, "the alarm to be removed")
+
+
+def test_alarm_loaded_with_the_window_fires_on_time(beat):
+    alarms = TestAlarms()
+    saved = alarms.dispatch(Message.new("testapp.record", id="in-window"), "agg", in_ms=1200)
+    scheduler = beat()
+    scheduler.tick_alarms(time.time())
+    assert "in-window" in scheduler.alarm_engine.heap
+    run = run_beat(scheduler, lambda: Run.objects.filter(message_id="in-window").first(), 10, "the run")
+    lateness = (run.started_at - saved.dispatch_at).total_seconds()
+    assert 0 <= lateness < 0.5, lateness
+    assert "late" not in run.attempt_assigns
+
+
+def test_retry_delivers_the_modified_message_until_ok(beat):
+    alarms = TestAlarms()
+    message = Message.new("testapp.record", {"n": 1}, id="retried", assigns={"retries_left": 2, "retry_ms": 300})
+    alarms.dispatch(message, "agg", in_ms=0)
+    scheduler = beat()
+    run_beat(scheduler, lambda: Answer.objects.filter(message_id="retried", decision="ok").exists(), 20, "final OK")
+
+    runs = list(Run.objects.filter(message_id="retried").order_by("started_at"))
+    assert [r.kwargs for r in runs] == [{"n": 1}, {"n": 1, "try": 1}, {"n": 1, "try": 2}]
+    assert [r.attempt_assigns.get("tries") for r in runs] == [None, 1, 2]
+    gaps = [(b.started_at - a.started_at).total_seconds() for a, b in zip(runs, runs[1:], strict=False)]
+    assert all(0.3 <= gap < 2.0 for gap in gaps), gaps
+    answers = list(Answer.objects.filter(message_id="retried").order_by("at").values_list("decision", flat=True))
+    assert answers == ["retry 300", "retry 300", "ok"]
+    wait_for(lambda: not Alarm.objects.filter(message_id="retried").exists(), 10, "removal")
+
+
+def test_exception_becomes_an_error_response(beat):
+    TestAlarms().dispatch(Message.new("testapp.fail", {"reason": "card declined"}, id="fails"), "agg", in_ms=0)
+    scheduler = beat()
+    answer = run_beat(scheduler, lambda: Answer.objects.filter(message_id="fails").first(), 10, "the answer")
+    assert answer.status == "error"
+    assert answer.error == "RuntimeError: card declined"
+
+
+def test_no_response_within_dispatch_timeout_is_a_timeout_and_the_late_result_is_ignored(beat):
+    message = Message.new("testapp.sleep", {"seconds": 2.5}, id="slow", assigns={"timeout_ms": 700})
+    TestAlarms().dispatch(message, "agg", in_ms=0)
+    scheduler = beat()
+    answer = run_beat(scheduler, lambda: Answer.objects.filter(message_id="slow").first(), 10, "the timeout")
+    assert answer.status == "timeout"
+    published = Run.objects.get(message_id="slow").started_at
+    assert 0.6 <= (answer.at - published).total_seconds() < 2.0
+    assert not Alarm.objects.filter(message_id="slow").exists()
+    time.sleep(3.0)  # the task finishes now, after its deadline: its response must be ignored
+    assert list(Answer.objects.filter(message_id="slow").values_list("status", flat=True)) == ["timeout"]
+
+
+def test_late_alarm_is_published_at_once_flagged_late(beat):
+    past = timezone.now() - dt.timedelta(minutes=5)
+    saved = TestAlarms().dispatch(Message.new("testapp.record", id="late-one"), "agg", at=past)
+    assert saved.assigns["late"] is True
+    scheduler = beat()
+    started = time.time()
+    run = run_beat(scheduler, lambda: Run.objects.filter(message_id="late-one").first(), 10, "the run")
+    assert run.attempt_assigns["late"] is True
+    assert run.started_at.timestamp() - started < 2.0
+
+
+def test_alarms_overdue_when_beat_starts_are_flagged_late(beat):
+    alarms = TestAlarms()
+    alarms.dispatch(Message.new("testapp.record", id="missed"), "agg", in_ms=100)
+    time.sleep(1.5)  # no beat was running when it came due
+    run = run_beat(beat(), lambda: Run.objects.filter(message_id="missed").first(), 10, "the run")
+    assert run.attempt_assigns["late"] is True
+
+
+def test_dispatching_a_pending_id_again_changes_nothing(beat):
+    alarms = TestAlarms()
+    first = alarms.dispatch(Message.new("testapp.record", {"v": 1}, id="dup"), "agg", in_ms=800)
+    alarms.dispatch(Message.new("testapp.record", {"v": 2}, id="dup"), "agg", in_ms=60_000)
+    row = Alarm.objects.get(message_id="dup")
+    assert row.dispatch_at == first.dispatch_at and row.raw_request == {"v": 1}
+    scheduler = beat()
+    run_beat(scheduler, lambda: Answer.objects.filter(message_id="dup").exists(), 10, "the answer")
+    time.sleep(0.5)
+    assert Run.objects.filter(message_id="dup").count() == 1
+
+
+def test_cancel_and_cancel_aggregate(beat):
+    alarms = TestAlarms()
+    for i in range(3):
+        alarms.dispatch(Message.new("testapp.record", id=f"order-{i}"), "order" if i else "other", in_ms=500)
+    alarms.dispatch(Message.new("testapp.record", id="keeper"), "keep", in_ms=500)
+    assert alarms.cancel("order-0") is True
+    assert alarms.cancel("order-0") is False
+    assert alarms.cancel_aggregate("order") == 2
+    assert alarms.cancel_aggregate("order") == 0
+    run_beat(beat(), lambda: Answer.objects.filter(message_id="keeper").exists(), 10, "the kept alarm")
+    time.sleep(0.3)
+    assert list(Run.objects.values_list("message_id", flat=True)) == ["keeper"]
+
+
+def test_service_responded_raising_or_returning_garbage_is_retried_after_backoff(beat):
+    from tests.testapp.alarms import BrokenAlarms
+
+    BrokenAlarms().dispatch(Message.new("testapp.record", id="broken"), "agg", in_ms=0)
+    scheduler = beat()
+    run_beat(scheduler, lambda: not Alarm.objects.filter(message_id="broken").exists(), 20, "the alarm to end")
+    assert Run.objects.filter(message_id="broken").count() == 3
+    assert list(Answer.objects.filter(message_id="broken").order_by("at").values_list("decision", flat=True)) == [
+        "0", "1", "2"]

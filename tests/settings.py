@@ -1,0 +1,65 @@
+"""Django settings of the test suite. ``CSCHED_DB`` picks the database: postgres (default) or sqlite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BASE = Path(__file__).resolve().parent
+DB = os.environ.get("CSCHED_DB", "postgres")
+
+SECRET_KEY = "tests-only"
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEBUG = False
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "celery_scheduller",
+    "tests.testapp",
+]
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+if DB == "sqlite":
+    _file = os.environ.get("CSCHED_SQLITE_FILE", str(BASE.parent / ".test-db.sqlite3"))
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": _file,
+            # Beat, the worker and the tests write concurrently: take the write lock at BEGIN, wait for it.
+            "OPTIONS": {"timeout": 30, "transaction_mode": "IMMEDIATE"},
+            "TEST": {"NAME": _file},
+        }
+    }
+elif DB == "postgres":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("CSCHED_DB_NAME", "csched"),
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+            "PORT": os.environ.get("PGPORT", "5432"),
+            "TEST": {"NAME": os.environ.get("CSCHED_DB_NAME", "test_csched")},
+        }
+    }
+else:
+    raise RuntimeError(f"CSCHED_DB must be postgres or sqlite, not {DB!r}")
+
+CELERY_BROKER_URL = os.environ.get("CSCHED_BROKER", "redis://127.0.0.1:6379/14")
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+CELERY_SCHEDULLER_CLASSES = ["tests.testapp.alarms.TestAlarms", "tests.testapp.alarms.BrokenAlarms"]
+CELERY_SCHEDULLER_POLL_INTERVAL = 200
+CELERY_SCHEDULLER_ERROR_BACKOFF = 500
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"celery_scheduller": {"handlers": ["console"], "level": os.environ.get("CSCHED_LOG", "WARNING")}},
+}

@@ -1,0 +1,75 @@
+"""Schedullers used by the tests. Their decisions are steered by the message's assigns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery_scheduller import OK, Message, Retry, Scheduller
+from celery_scheduller.message import to_json_value
+
+from .models import Answer
+
+
+class TestAlarms(Scheduller):
+    """Retries while ``assigns["retries_left"]`` > 0 (``assigns["retry_ms"]`` later), then says OK.
+
+    On a retry the message's ``raw_request`` gains ``try`` (the try number), so tests see the
+    modified message arrive at the task.
+    """
+
+    name = "tests"
+    __test__ = False  # a Scheduller, not a pytest class
+
+    def service_responded(self, message: Message) -> Any:
+        left = message.assigns.get("retries_left", 0)
+        response = message.response
+        assert response is not None
+        decision: Any = OK
+        if left > 0:
+            tries = message.assigns.get("tries", 0) + 1
+            modified = Message.new(
+                message.service_name,
+                {**message.raw_request, "try": tries},
+                id=message.id,
+                assigns={**message.assigns, "retries_left": left - 1, "tries": tries},
+            )
+            decision = Retry(message.assigns.get("retry_ms", 100), modified)
+        Answer.objects.create(
+            message_id=message.id,
+            status=response.status,
+            value=to_json_value(response.value) if response.ok else None,
+            error=response.error,
+            assigns=to_json_value(message.assigns),
+            decision="ok" if decision is OK else f"retry {decision.in_ms}",
+        )
+        return decision
+
+    def dispatch_timeout(self, message: Message) -> int:
+        return int(message.assigns.get("timeout_ms", 5_000))
+
+    def in_memory_interval(self) -> int:
+        return int((self.state or {}).get("interval_ms", 60_000))
+
+
+class BrokenAlarms(Scheduller):
+    """``service_responded`` raises the first time, then returns garbage, then OK."""
+
+    name = "broken"
+
+    def service_responded(self, message: Message) -> Any:
+        count = Answer.objects.filter(message_id=message.id).count()
+        Answer.objects.create(
+            message_id=message.id, status=message.response.status if message.response else "", decision=str(count)
+        )
+        if count == 0:
+            raise RuntimeError("service_responded blew up")
+        if count == 1:
+            return "garbage"
+        return OK
+
+
+class UnlistedAlarms(Scheduller):
+    """Not in CELERY_SCHEDULLER_CLASSES."""
+
+    def service_responded(self, message: Message) -> Any:
+        return OK

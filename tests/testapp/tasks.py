@@ -1,0 +1,53 @@
+"""Tasks the tests schedule."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import shared_task
+from django.utils import timezone
+
+from celery_scheduller import current_message
+from celery_scheduller.message import to_json_value
+
+from .models import Run
+
+
+def _record(task: str, kwargs: dict[str, Any]) -> None:
+    message = current_message()
+    Run.objects.create(
+        task=task,
+        message_id=message.id if message else "",
+        attempt_assigns=to_json_value(message.assigns) if message else {},
+        kwargs=kwargs,
+        started_at=timezone.now(),
+    )
+
+
+@shared_task(name="testapp.record")
+def record(**kwargs: Any) -> Any:
+    """Record the run and return ``kwargs["result"]``."""
+    _record("record", kwargs)
+    return kwargs.get("result", "done")
+
+
+@shared_task(name="testapp.fail")
+def fail(**kwargs: Any) -> None:
+    """Record the run and raise."""
+    _record("fail", kwargs)
+    raise RuntimeError(kwargs.get("reason", "it failed"))
+
+
+@shared_task(name="testapp.sleep")
+def sleep(seconds: float = 1.0, **kwargs: Any) -> str:
+    """Record the run and sleep (for timeouts)."""
+    _record("sleep", {"seconds": seconds, **kwargs})
+    time.sleep(seconds)
+    return "slept"
+
+
+@shared_task(name="testapp.tick")
+def tick() -> None:
+    """A periodic entry of beat_schedule."""
+    _record("tick", {})
