@@ -38,13 +38,14 @@ class AlarmScheduler(PersistentScheduler):
         # Named apart from celery.beat.Scheduler's own attributes (``_heap`` among them).
         self.alarm_engine = AlarmEngine(kwargs.get("app") or args[0])
         self._alarm_pause_until = 0.0
+        self._alarm_producer: Any = None
         super().__init__(*args, **kwargs)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         """Run due alarms, then one periodic entry; return the seconds to sleep."""
         alarm_delay = self.tick_alarms(time.time())
         periodic_delay: float = super().tick(*args, **kwargs)
-        return min(alarm_delay, periodic_delay)
+        return max(0.0, min(alarm_delay, periodic_delay))
 
     def tick_alarms(self, now: float) -> float:
         """The alarm side of one tick at ``now``; errors are logged and paused on, never raised."""
@@ -53,7 +54,7 @@ class AlarmScheduler(PersistentScheduler):
         from django.db import DatabaseError, close_old_connections, connection
 
         try:
-            return self.alarm_engine.tick(now, self.producer)
+            return self.alarm_engine.tick(now, self._producer_for_alarms())
         except DatabaseError:
             logger.exception("database error in beat; retrying in %ss", ERROR_PAUSE, extra={"action": "db_error"})
             close_old_connections()
@@ -65,15 +66,31 @@ class AlarmScheduler(PersistentScheduler):
         self._alarm_pause_until = now + ERROR_PAUSE
         return ERROR_PAUSE
 
-    def _drop_broker_connection(self) -> None:
-        # The base class caches both; dropping them makes the next tick reconnect.
-        self.__dict__.pop("producer", None)
-        broker = self.__dict__.pop("connection", None)
-        if broker is not None:
+    def _producer_for_alarms(self) -> Any:
+        """One producer reused for every publish; connecting fails fast so a broker outage pauses the
+        alarm side instead of blocking the whole loop in connection retries."""
+        if self._alarm_producer is None:
+            broker = self.app.connection_for_write()
             try:
+                broker.ensure_connection(max_retries=0)
+            except BaseException:
                 broker.release()
+                raise
+            self._alarm_producer = self.Producer(broker, auto_declare=False)
+        return self._alarm_producer
+
+    def _drop_broker_connection(self) -> None:
+        producer, self._alarm_producer = self._alarm_producer, None
+        if producer is not None:
+            try:
+                producer.connection.release()
             except Exception:
                 logger.debug("releasing the broken broker connection failed", exc_info=True)
+
+    def close(self) -> None:
+        """Release the alarm producer's connection, then close the periodic side."""
+        self._drop_broker_connection()
+        super().close()
 
     @property
     def info(self) -> str:
