@@ -208,15 +208,26 @@ def due_time(at: dt.datetime | None, in_ms: int | None, now: dt.datetime) -> dt.
     return now + dt.timedelta(milliseconds=in_ms)
 
 
+_tasks_imported: set[int] = set()
+
+
 def _check_task(name: str) -> None:
-    """Refuse a task name the Celery app does not know, when the app has registered its tasks."""
+    """Refuse a task name the Celery app does not know, when the app has registered its tasks.
+
+    The first call in a process imports the app's task modules the way ``celery worker`` does
+    (``autodiscover_tasks`` included), so a web process checks against the same registry.
+    """
     from celery import current_app
 
-    tasks = current_app.tasks
+    app = current_app._get_current_object()
+    if id(app) not in _tasks_imported:
+        _tasks_imported.add(id(app))
+        app.loader.import_default_modules()
+    tasks = app.tasks
     if not any(not task.startswith("celery.") for task in tasks):
-        return  # this process never loaded the project's tasks; beat resolves the name at publish
+        return  # an app without tasks of its own cannot tell; the worker reports unknown tasks
     if name not in tasks:
-        raise InvalidAlarm(f"no Celery task named {name!r} is registered with app {current_app.main!r}")
+        raise InvalidAlarm(f"no Celery task named {name!r} is registered with app {app.main!r}")
 
 
 def validate_decision(decision: object, message: Message) -> Decision:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import tests.celery_app  # noqa: F401  (the project app is current, as in a Django project)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -136,3 +136,27 @@ def test_service_responded_raising_or_returning_garbage_is_retried_after_backoff
     assert Run.objects.filter(message_id="broken").count() == 3
     assert list(Answer.objects.filter(message_id="broken").order_by("at").values_list("decision", flat=True)) == [
         "0", "1", "2"]
+
+
+def test_hard_time_limit_becomes_an_error_response(beat):
+    message = Message.new("testapp.hang", id="hangs", assigns={"timeout_ms": 20_000})
+    TestAlarms().dispatch(message, "agg", in_ms=0)
+    answer = run_beat(beat(), lambda: Answer.objects.filter(message_id="hangs").first(), 15, "the answer")
+    assert answer.status == "error"
+    assert answer.error.startswith("TimeLimitExceeded")
+
+
+def test_lost_worker_becomes_an_error_response(beat):
+    message = Message.new("testapp.die", id="dies", assigns={"timeout_ms": 20_000})
+    TestAlarms().dispatch(message, "agg", in_ms=0)
+    answer = run_beat(beat(), lambda: Answer.objects.filter(message_id="dies").first(), 15, "the answer")
+    assert answer.status == "error"
+    assert answer.error.startswith("WorkerLostError")
+
+
+def test_current_message_is_none_outside_an_alarm_delivery():
+    from tests.testapp.tasks import record
+
+    record.delay(result="plain")
+    run = wait_for(lambda: Run.objects.filter(task="record", kwargs__result="plain").first(), 10, "the plain run")
+    assert run.message_id == "" and run.attempt_assigns == {}

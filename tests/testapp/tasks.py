@@ -51,3 +51,20 @@ def sleep(seconds: float = 1.0, **kwargs: Any) -> str:
 def tick() -> None:
     """A periodic entry of beat_schedule."""
     _record("tick", {})
+
+
+@shared_task(name="testapp.hang", time_limit=1)
+def hang(**kwargs: Any) -> None:
+    """Record the run and hang past the task's hard time limit."""
+    _record("hang", kwargs)
+    time.sleep(30)
+
+
+@shared_task(name="testapp.die")
+def die(**kwargs: Any) -> None:
+    """Record the run and kill the pool process running it (a lost worker)."""
+    import os
+    import signal
+
+    _record("die", kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)

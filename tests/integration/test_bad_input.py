@@ -1,0 +1,105 @@
+"""Bad input fails at ``dispatch`` with a clear error and loses nothing already stored."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from celery_scheduller import InvalidAlarm, Message, UnknownScheduller
+from celery_scheduller.models import Alarm
+from tests.testapp.alarms import TestAlarms, UnlistedAlarms
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def stored():
+    """One alarm already stored, which no bad call may touch."""
+    alarms = TestAlarms()
+    alarms.dispatch(Message.new("testapp.record", {"keep": True}, id="stored"), "agg", in_ms=60_000)
+    before = Alarm.objects.values().get(message_id="stored")
+    yield alarms
+    assert Alarm.objects.count() == 1
+    assert Alarm.objects.values().get(message_id="stored") == before
+
+
+def msg(**kwargs):
+    return Message.new("testapp.record", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda a: a.dispatch(msg(), "agg", at=dt.datetime(2030, 1, 1)), "naive"),  # noqa: DTZ001
+        (lambda a: a.dispatch(msg(), "agg", at=timezone.now(), in_ms=5), "exactly one of at= .* or in_ms="),
+        (lambda a: a.dispatch(msg(), "agg"), "exactly one of at= .* or in_ms="),
+        (lambda a: a.dispatch(msg(), "agg", in_ms=-1), "must not be negative"),
+        (lambda a: a.dispatch(msg(), "agg", in_ms=1.5), "in_ms must be an integer"),
+        (lambda a: a.dispatch(msg(), "agg", at="2030-01-01T00:00:00Z"), "at must be a datetime"),
+        (lambda a: a.dispatch(Message.new("testapp.record", {"when": {1, 2}}), "agg", in_ms=0),
+         r"raw_request\['when'\]: set .* is not JSON-serializable"),
+        (lambda a: a.dispatch(Message.new("testapp.record", {"n": decimal.Decimal(1)}), "agg", in_ms=0),
+         "Decimal"),
+        (lambda a: a.dispatch(msg().assign("obj", object()), "agg", in_ms=0), r"assigns\['obj'\]"),
+        (lambda a: a.dispatch(msg().assign("when", dt.datetime(2030, 1, 1)), "agg", in_ms=0),  # noqa: DTZ001
+         r"assigns\['when'\]: naive datetime"),
+        (lambda a: a.dispatch(Message.new("shop.no_such_task"), "agg", in_ms=0), "no Celery task named 'shop.no_such_task'"),
+        (lambda a: a.dispatch(msg(), "", in_ms=0), "aggregate_id"),
+        (lambda a: a.dispatch({"service_name": "testapp.record"}, "agg", in_ms=0), "needs a Message"),
+        (lambda a: a.dispatch_many([(msg(id="ok-one"), "agg", timezone.now()),
+                                    (msg(id="bad-one"), "agg", dt.datetime(2030, 1, 1))]), "naive"),  # noqa: DTZ001
+    ],
+)
+def test_bad_dispatch_raises_a_clear_error_and_stores_nothing(stored, call, error):
+    with pytest.raises(InvalidAlarm, match=error):
+        call(stored)
+
+
+def test_raw_request_must_be_keyword_arguments():
+    with pytest.raises(InvalidAlarm, match="raw_request must be a dict"):
+        Message.new("testapp.record", [1, 2])
+
+
+def test_scheduller_not_in_settings_is_refused(stored):
+    with pytest.raises(UnknownScheduller, match="not in CELERY_SCHEDULLER_CLASSES"):
+        UnlistedAlarms().dispatch(msg(), "agg", in_ms=0)
+    with pytest.raises(UnknownScheduller):
+        UnlistedAlarms().cancel("stored")
+
+
+def test_invalid_dispatch_timeout_is_refused_at_dispatch(stored, monkeypatch):
+    monkeypatch.setattr(TestAlarms, "dispatch_timeout", lambda self, message: 0)
+    with pytest.raises(InvalidAlarm, match="dispatch_timeout must return a positive integer"):
+        stored.dispatch(msg(), "agg", in_ms=0)
+
+
+def test_dispatch_many_stores_a_batch_and_skips_ids_already_stored(stored):
+    now = timezone.now()
+    saved = stored.dispatch_many(
+        [(msg(id=f"bulk-{i}"), f"agg-{i}", now + dt.timedelta(seconds=i)) for i in range(50)]
+        + [(msg(id="stored"), "agg", now)]
+    )
+    assert len(saved) == 51
+    assert Alarm.objects.filter(message_id__startswith="bulk-").count() == 50
+    Alarm.objects.filter(message_id__startswith="bulk-").delete()  # leave only ``stored`` for the fixture
+
+
+def test_datetimes_in_assigns_round_trip_and_load_alarms_covers_its_slice(stored):
+    when = dt.datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    now = timezone.now()
+    saved = stored.dispatch(msg(id="with-dt").assign("when", when), "agg", in_ms=1000, now=now)
+    loaded = {m.id: m for m in stored.load_alarms(None, now + dt.timedelta(seconds=2))}
+    assert set(loaded) == {"with-dt"}  # ``stored`` is due in a minute, outside the slice
+    assert loaded["with-dt"].assigns["when"] == when
+    assert loaded["with-dt"].dispatch_at == saved.dispatch_at
+    later = stored.load_alarms(now + dt.timedelta(seconds=1), now + dt.timedelta(minutes=2))
+    assert [m.id for m in later] == ["stored"]  # (load_from, load_until]: with-dt sits on load_from
+    Alarm.objects.filter(message_id="with-dt").delete()
+
+
+def test_models_and_migrations_agree():
+    call_command("makemigrations", "celery_scheduller", "--check", "--dry-run", verbosity=0)
