@@ -105,9 +105,7 @@ class AlarmEngine:
             try:
                 self._send(ref, message, producer)
             except Exception as exc:
-                unsent = [
-                    store.AttemptRef(r["pk"], r["scheduller"], r["attempt"], r["deadline"]) for r in rows[index:]
-                ]
+                unsent = [store.AttemptRef(r["pk"], r["scheduller"], r["attempt"], r["deadline"]) for r in rows[index:]]
                 store.release(unsent, now)
                 raise PublishFailed(f"publishing alarm {message.id} failed; released {len(unsent)} claims") from exc
             logger.debug(

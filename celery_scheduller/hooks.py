@@ -51,7 +51,7 @@ def header_of(ref: AttemptRef, message: Message) -> dict[str, str]:
 
 
 def _read_header(request: Any) -> tuple[AttemptRef, Message] | None:
-    raw = (getattr(request, "headers", None) or {}).get(HEADER) or getattr(request, HEADER, None)
+    raw: str | None = (getattr(request, "headers", None) or {}).get(HEADER) or getattr(request, HEADER, None)
     if not raw:
         return None
     data = json.loads(raw)
@@ -86,7 +86,7 @@ def _on_failure(task_id: str, exception: BaseException | None = None, **_: Any) 
         return  # ordinary failures were answered by task_postrun in the pool child
     from . import store
 
-    message_id, _, attempt = task_id.rpartition("#")
+    message_id, _sep, attempt = task_id.rpartition("#")
     try:
         found = store.published_attempt(message_id, int(attempt))
     except Exception:
@@ -113,7 +113,9 @@ def _answer(ref: AttemptRef, message: Message, response: Response) -> None:
     except Exception:
         # The attempt stays published; its deadline passes and beat answers it as a timeout.
         logger.exception(
-            "storing the response for alarm %s failed", message.id, extra={"alarm_id": message.id, "action": "hook_error"}
+            "storing the response for alarm %s failed",
+            message.id,
+            extra={"alarm_id": message.id, "action": "hook_error"},
         )
 
 

@@ -8,7 +8,7 @@ import logging
 from . import registry, store
 from .conf import settings
 from .message import Message, Response
-from .scheduller import OK, validate_decision
+from .scheduller import Retry, validate_decision
 
 logger = logging.getLogger("celery_scheduller")
 
@@ -38,10 +38,9 @@ def respond(ref: store.AttemptRef, message: Message, response: Response, now: dt
         applied = store.retry(ref, again, due, _timeout_or_default(ref, again), response, now)
         return _logged(applied, "error_backoff", message, log_extra)
 
-    if decision is OK:
+    if not isinstance(decision, Retry):  # validate_decision let only OK through besides Retry
         return _logged(store.finish(ref), "finished", message, log_extra)
 
-    assert not isinstance(decision, type(OK))
     due = now + dt.timedelta(milliseconds=decision.in_ms)
     again = (decision.message or message).with_response(None).assign("dispatch_at", due)
     timeout = scheduller._timeout_of(again)

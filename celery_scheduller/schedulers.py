@@ -76,7 +76,7 @@ class AlarmScheduler(PersistentScheduler):
             except BaseException:
                 broker.release()
                 raise
-            self._alarm_producer = self.Producer(broker, auto_declare=False)
+            self._alarm_producer = self.Producer(broker, auto_declare=False)  # type: ignore[attr-defined]
         return self._alarm_producer
 
     def _drop_broker_connection(self) -> None:

@@ -134,7 +134,9 @@ class Scheduller:
         from . import store
 
         now = now or _now()
-        prepared = [(self._prepare(message, aggregate_id, at, None, now), aggregate_id) for message, aggregate_id, at in alarms]
+        prepared = [
+            (self._prepare(message, aggregate_id, at, None, now), aggregate_id) for message, aggregate_id, at in alarms
+        ]
         if type(self).save_alarm is Scheduller.save_alarm:
             store.insert([self._new_alarm(message, aggregate_id) for message, aggregate_id in prepared])
         else:
@@ -170,7 +172,9 @@ class Scheduller:
         if not isinstance(message, Message):
             raise InvalidAlarm(f"dispatch needs a Message (Message.new(...)), got {type(message).__name__}")
         if not isinstance(aggregate_id, str) or not aggregate_id or len(aggregate_id) > 255:
-            raise InvalidAlarm(f"aggregate_id must be a non-empty string of at most 255 characters, got {aggregate_id!r}")
+            raise InvalidAlarm(
+                f"aggregate_id must be a non-empty string of at most 255 characters, got {aggregate_id!r}"
+            )
         dispatch_at = due_time(at, in_ms, now)
         _check_task(message.service_name)
         scheduled = message.assign("dispatch_at", dispatch_at)
@@ -219,7 +223,7 @@ def _check_task(name: str) -> None:
     """
     from celery import current_app
 
-    app = current_app._get_current_object()
+    app: Any = current_app._get_current_object()  # type: ignore[attr-defined]
     if id(app) not in _tasks_imported:
         _tasks_imported.add(id(app))
         app.loader.import_default_modules()
@@ -239,9 +243,7 @@ def validate_decision(decision: object, message: Message) -> Decision:
     if isinstance(decision, Retry):
         if decision.message is not None:
             if decision.message.id != message.id:
-                raise InvalidResponse(
-                    f"Retry carries message id {decision.message.id!r}, expected {message.id!r}"
-                )
+                raise InvalidResponse(f"Retry carries message id {decision.message.id!r}, expected {message.id!r}")
             decision.message.to_json()
         return decision
     raise InvalidResponse(f"service_responded returned {decision!r}; expected OK or Retry(in_ms, message)")

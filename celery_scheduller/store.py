@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, QuerySet
 
 from . import states
 from .message import Message, Response, from_json_value, to_json_value
@@ -121,7 +121,8 @@ def pending_between(
     query = Alarm.objects.filter(scheduller=scheduller, state=states.PENDING, dispatch_at__lte=load_until)
     if load_from is not None:
         query = query.filter(dispatch_at__gt=load_from)
-    return query.order_by("dispatch_at").values(*ROW_FIELDS).iterator(chunk_size=5_000)
+    rows: Iterable[dict[str, Any]] = query.order_by("dispatch_at").values(*ROW_FIELDS).iterator(chunk_size=5_000)
+    return rows
 
 
 def claim_due(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[dict[str, Any]]:
@@ -161,9 +162,7 @@ def release(refs: Iterable[AttemptRef], now: dt.datetime) -> int:
     """Return attempts whose publish failed to pending, so the next claim publishes them again."""
     released = 0
     for ref in refs:
-        released += _published(ref).update(
-            state=states.PENDING, deadline=None, published_at=None, updated_at=now
-        )
+        released += _published(ref).update(state=states.PENDING, deadline=None, published_at=None, updated_at=now)
     return released
 
 
@@ -182,7 +181,7 @@ def retry(
     now: dt.datetime,
 ) -> bool:
     """Store ``message`` as the alarm's next attempt at ``dispatch_at``, if ``ref`` is still current."""
-    changed = _published(ref).update(
+    changed: int = _published(ref).update(
         state=states.PENDING,
         task_name=message.service_name,
         raw_request=to_json_value(message.raw_request, "raw_request"),
@@ -220,17 +219,14 @@ def lease_timeouts(
             if changed != len(pks):
                 raise ClaimConflict(f"leased {changed} of {len(pks)} locked timeouts")
     return [
-        (AttemptRef(row["pk"], row["scheduller"], row["attempt"], lease_until), message_from_row(row))
-        for row in rows
+        (AttemptRef(row["pk"], row["scheduller"], row["attempt"], lease_until), message_from_row(row)) for row in rows
     ]
 
 
 def published_attempt(message_id: str, attempt: int) -> tuple[AttemptRef, Message] | None:
     """The published attempt ``attempt`` of ``message_id``, or None if it is not the current one."""
     row = (
-        Alarm.objects.filter(message_id=message_id, attempt=attempt, state=states.PUBLISHED)
-        .values(*ROW_FIELDS)
-        .first()
+        Alarm.objects.filter(message_id=message_id, attempt=attempt, state=states.PUBLISHED).values(*ROW_FIELDS).first()
     )
     if row is None or row["deadline"] is None:
         return None
@@ -253,5 +249,5 @@ def cancel_aggregate(scheduller: str, aggregate_id: str) -> int:
     return deleted
 
 
-def _published(ref: AttemptRef) -> Any:
+def _published(ref: AttemptRef) -> QuerySet[Alarm]:
     return Alarm.objects.filter(pk=ref.pk, state=states.PUBLISHED, attempt=ref.attempt, deadline=ref.deadline)

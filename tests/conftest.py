@@ -29,7 +29,9 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, step: f
 
 
 @pytest.fixture(scope="session")
-def worker(django_db_setup: None, django_db_blocker: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def worker(
+    django_db_setup: None, django_db_blocker: object, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
     """A real ``celery worker`` (prefork) on the test database and the Redis broker."""
     from django.conf import settings
     from django.db import connection
@@ -48,9 +50,29 @@ def worker(django_db_setup: None, django_db_blocker: object, tmp_path_factory: p
     }
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "-P", "prefork", "-c", "3",
-             "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"csched-test-{os.getpid()}@%h"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tests.celery_app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                "3",
+                "-l",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"csched-test-{os.getpid()}@%h",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 60

@@ -15,6 +15,8 @@ from tests.testapp.alarms import TestAlarms, UnlistedAlarms
 
 pytestmark = pytest.mark.django_db
 
+NAIVE = dt.datetime(2030, 1, 1)  # noqa: DTZ001 - the bad input under test
+
 
 @pytest.fixture
 def stored():
@@ -34,24 +36,32 @@ def msg(**kwargs):
 @pytest.mark.parametrize(
     ("call", "error"),
     [
-        (lambda a: a.dispatch(msg(), "agg", at=dt.datetime(2030, 1, 1)), "naive"),  # noqa: DTZ001
+        (lambda a: a.dispatch(msg(), "agg", at=NAIVE), "naive"),
         (lambda a: a.dispatch(msg(), "agg", at=timezone.now(), in_ms=5), "exactly one of at= .* or in_ms="),
         (lambda a: a.dispatch(msg(), "agg"), "exactly one of at= .* or in_ms="),
         (lambda a: a.dispatch(msg(), "agg", in_ms=-1), "must not be negative"),
         (lambda a: a.dispatch(msg(), "agg", in_ms=1.5), "in_ms must be an integer"),
         (lambda a: a.dispatch(msg(), "agg", at="2030-01-01T00:00:00Z"), "at must be a datetime"),
-        (lambda a: a.dispatch(Message.new("testapp.record", {"when": {1, 2}}), "agg", in_ms=0),
-         r"raw_request\['when'\]: set .* is not JSON-serializable"),
-        (lambda a: a.dispatch(Message.new("testapp.record", {"n": decimal.Decimal(1)}), "agg", in_ms=0),
-         "Decimal"),
+        (
+            lambda a: a.dispatch(Message.new("testapp.record", {"when": {1, 2}}), "agg", in_ms=0),
+            r"raw_request\['when'\]: set .* is not JSON-serializable",
+        ),
+        (lambda a: a.dispatch(Message.new("testapp.record", {"n": decimal.Decimal(1)}), "agg", in_ms=0), "Decimal"),
         (lambda a: a.dispatch(msg().assign("obj", object()), "agg", in_ms=0), r"assigns\['obj'\]"),
-        (lambda a: a.dispatch(msg().assign("when", dt.datetime(2030, 1, 1)), "agg", in_ms=0),  # noqa: DTZ001
-         r"assigns\['when'\]: naive datetime"),
-        (lambda a: a.dispatch(Message.new("shop.no_such_task"), "agg", in_ms=0), "no Celery task named 'shop.no_such_task'"),
+        (
+            lambda a: a.dispatch(msg().assign("when", NAIVE), "agg", in_ms=0),
+            r"assigns\['when'\]: naive datetime",
+        ),
+        (
+            lambda a: a.dispatch(Message.new("shop.no_such_task"), "agg", in_ms=0),
+            "no Celery task named 'shop.no_such_task'",
+        ),
         (lambda a: a.dispatch(msg(), "", in_ms=0), "aggregate_id"),
         (lambda a: a.dispatch({"service_name": "testapp.record"}, "agg", in_ms=0), "needs a Message"),
-        (lambda a: a.dispatch_many([(msg(id="ok-one"), "agg", timezone.now()),
-                                    (msg(id="bad-one"), "agg", dt.datetime(2030, 1, 1))]), "naive"),  # noqa: DTZ001
+        (
+            lambda a: a.dispatch_many([(msg(id="ok-one"), "agg", timezone.now()), (msg(id="bad-one"), "agg", NAIVE)]),
+            "naive",
+        ),
     ],
 )
 def test_bad_dispatch_raises_a_clear_error_and_stores_nothing(stored, call, error):

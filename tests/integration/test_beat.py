@@ -9,8 +9,7 @@ import pytest
 from celery import Celery
 from django.db import connection, transaction
 
-from celery_scheduller import Message
-from celery_scheduller import states
+from celery_scheduller import Message, states
 from celery_scheduller.engine import AlarmEngine, PublishFailed
 from celery_scheduller.models import Alarm
 from tests.conftest import run_beat, wait_for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import time
 
 import pytest
@@ -54,7 +55,7 @@ def test_retry_delivers_the_modified_message_until_ok(beat):
     runs = list(Run.objects.filter(message_id="retried").order_by("started_at"))
     assert [r.kwargs for r in runs] == [{"n": 1}, {"n": 1, "try": 1}, {"n": 1, "try": 2}]
     assert [r.attempt_assigns.get("tries") for r in runs] == [None, 1, 2]
-    gaps = [(b.started_at - a.started_at).total_seconds() for a, b in zip(runs, runs[1:], strict=False)]
+    gaps = [(b.started_at - a.started_at).total_seconds() for a, b in itertools.pairwise(runs)]
     assert all(0.3 <= gap < 2.0 for gap in gaps), gaps
     answers = list(Answer.objects.filter(message_id="retried").order_by("at").values_list("decision", flat=True))
     assert answers == ["retry 300", "retry 300", "ok"]
@@ -135,7 +136,10 @@ def test_service_responded_raising_or_returning_garbage_is_retried_after_backoff
     run_beat(scheduler, lambda: not Alarm.objects.filter(message_id="broken").exists(), 20, "the alarm to end")
     assert Run.objects.filter(message_id="broken").count() == 3
     assert list(Answer.objects.filter(message_id="broken").order_by("at").values_list("decision", flat=True)) == [
-        "0", "1", "2"]
+        "0",
+        "1",
+        "2",
+    ]
 
 
 def test_hard_time_limit_becomes_an_error_response(beat):
