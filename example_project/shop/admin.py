@@ -1,0 +1,6 @@
+from django.contrib import admin
+
+from .models import Event, Order
+
+admin.site.register(Order)
+admin.site.register(Event)
