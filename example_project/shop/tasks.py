@@ -40,6 +40,8 @@ def send_reminder(order_id: int) -> str:
 @shared_task(name="shop.tasks.log_stats")
 def log_stats() -> dict:
     """An ordinary periodic task (beat_schedule), run by the same beat."""
-    counts = {status: Order.objects.filter(status=status).count() for status in (Order.UNPAID, Order.PAID, Order.EXPIRED)}
+    counts = {
+        status: Order.objects.filter(status=status).count() for status in (Order.UNPAID, Order.PAID, Order.EXPIRED)
+    }
     logger.warning("shop stats at %s: %s", timezone.now().isoformat(timespec="seconds"), counts)
     return counts

@@ -64,8 +64,19 @@ def events(env):
 
 
 def test_orders_expire_and_reminders_retry_across_a_beat_crash(shop_env, tmp_path):
-    worker = celery(shop_env, tmp_path, "worker", "worker", "-l", "INFO", "-c", "4", "--without-gossip",
-                    "--without-mingle", "--without-heartbeat")
+    worker = celery(
+        shop_env,
+        tmp_path,
+        "worker",
+        "worker",
+        "-l",
+        "INFO",
+        "-c",
+        "4",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    )
     beat = celery(shop_env, tmp_path, "beat1", "beat", "-S", "celery_scheduller", "-l", "INFO")
     procs = [worker, beat]
     try:
@@ -109,7 +120,9 @@ def test_orders_expire_and_reminders_retry_across_a_beat_crash(shop_env, tmp_pat
     expiry_lateness = [late for _, late in by_kind["expired"]]
     p50 = statistics.median(expiry_lateness)
     worst = max(expiry_lateness)
-    print(f"\nacceptance: {len(unpaid)} unpaid orders, expiry lateness p50 {p50 * 1000:.0f} ms, max {worst * 1000:.0f} ms")
+    print(
+        f"\nacceptance: {len(unpaid)} unpaid orders, expiry lateness p50 {p50 * 1000:.0f} ms, max {worst * 1000:.0f} ms"
+    )
     # expiries were due 3 s after the crash; the new beat was up by then: on time within about a second
     assert worst < 1.5, worst
     with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={DB_NAME}") as conn:

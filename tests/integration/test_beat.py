@@ -7,6 +7,7 @@ import time
 
 import pytest
 from celery import Celery
+from django.conf import settings
 from django.db import connection, transaction
 
 from celery_scheduller import Message, states
@@ -169,3 +170,36 @@ def test_beat_keeps_running_the_projects_periodic_entries(beat):
         app.conf.beat_schedule = {}
     assert Run.objects.filter(task="tick").count() >= 3
     assert Run.objects.filter(message_id="beside-periodic").count() == 1
+
+
+def test_attempt_of_a_dead_beat_times_out_through_another_beat(beat):
+    message = Message.new("testapp.sleep", {"seconds": 2.0}, id="orphan", assigns={"timeout_ms": 600})
+    TestAlarms().dispatch(message, "agg", in_ms=0)
+    first = beat()
+    run_beat(first, lambda: Run.objects.filter(message_id="orphan").exists(), 10, "the publish")
+    first.close()  # this beat dies with the attempt in flight
+    answer = run_beat(beat(), lambda: Answer.objects.filter(message_id="orphan").first(), 10, "the timeout")
+    assert answer.status == "timeout"
+
+
+@pytest.mark.skipif(
+    settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"), reason="SQLite has no connection to cut"
+)
+def test_beat_survives_losing_its_database_connection(beat, caplog):
+    scheduler = beat()
+    scheduler.tick_alarms(time.time())
+    with connection.cursor() as cursor:  # in this thread beat uses the same connection as the test
+        cursor.execute("select pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    TestAlarms().dispatch(Message.new("testapp.record", id="after-db-error"), "agg", in_ms=0)
+    from django.db import connections
+
+    other = connections.create_connection("default")
+    with other.cursor() as cursor:
+        cursor.execute("select pg_terminate_backend(%s)", [pid])
+    other.close()
+    delay = scheduler.tick_alarms(time.time() + 1.0)  # past the poll interval: beat queries now
+    assert delay > 0 and "database error in beat" in caplog.text
+    run_beat(
+        scheduler, lambda: Run.objects.filter(message_id="after-db-error").exists(), 10, "delivery after reconnect"
+    )

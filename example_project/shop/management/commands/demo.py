@@ -30,8 +30,17 @@ class Command(BaseCommand):
             user.objects.create_superuser("demo", "demo@example.com", "demo")
         self.stdout.write(f"database: {settings.DATABASES['default']['NAME']}  broker: {settings.CELERY_BROKER_URL}")
         procs = [
-            self._start("worker", "worker", "-l", "WARNING", "-c", "2", "--without-gossip", "--without-mingle",
-                        "--without-heartbeat"),
+            self._start(
+                "worker",
+                "worker",
+                "-l",
+                "WARNING",
+                "-c",
+                "2",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ),
             self._start("beat", "beat", "-S", "celery_scheduller", "-l", "WARNING"),
         ]
         try:
@@ -58,12 +67,17 @@ class Command(BaseCommand):
             if len(placed) < orders and time.monotonic() >= next_order_at:
                 order = place_order(f"customer {len(placed) + 1}")
                 placed.append(order)
-                self.stdout.write(self.style.SUCCESS(
-                    f"+ placed order {order.pk}: reminder in 5 s, expiry in 20 s (alarms expire-{order.pk}, "
-                    f"remind-{order.pk})"))
+                self.stdout.write(
+                    self.style.SUCCESS(
+                        f"+ placed order {order.pk}: reminder in 5 s, expiry in 20 s (alarms expire-{order.pk}, "
+                        f"remind-{order.pk})"
+                    )
+                )
                 if len(placed) == 2:
                     cancelled = pay(order)
-                    self.stdout.write(self.style.SUCCESS(f"+ order {order.pk} paid at once: {cancelled} alarms cancelled"))
+                    self.stdout.write(
+                        self.style.SUCCESS(f"+ order {order.pk} paid at once: {cancelled} alarms cancelled")
+                    )
                 next_order_at = time.monotonic() + 2
             for event in Event.objects.filter(pk__gt=seen).order_by("pk"):
                 seen = event.pk
