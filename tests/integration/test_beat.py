@@ -125,7 +125,7 @@ def test_two_beats_at_once_publish_each_attempt_once(beat):
 
 def test_failed_publish_releases_the_claim_and_loses_nothing(beat):
     TestAlarms().dispatch(Message.new("testapp.record", id="broker-down"), "agg", in_ms=0)
-    down = Celery("down", broker="redis://127.0.0.1:1/0")
+    down = Celery("down", broker="redis://127.0.0.1:1/0", set_as_current=False)
     down.conf.broker_connection_retry = False
     down.conf.broker_connection_max_retries = 0
     with pytest.raises(PublishFailed):
@@ -137,19 +137,18 @@ def test_failed_publish_releases_the_claim_and_loses_nothing(beat):
 
 
 def test_beat_survives_a_broker_outage_and_delivers_afterwards(beat):
-    from tests.celery_app import app
-
     TestAlarms().dispatch(Message.new("testapp.record", id="after-outage"), "agg", in_ms=0)
     scheduler = beat()
-    real_url = app.conf.broker_url
-    app.conf.broker_url = "redis://127.0.0.1:1/0"
+    app = scheduler.app
+    scheduler.app = Celery(
+        "down", broker="redis://127.0.0.1:1/0", set_as_current=False
+    )  # this beat's broker is unreachable
     try:
-        scheduler._drop_broker_connection()
-        delay = scheduler.tick_alarms(time.time())  # logs, releases, pauses: no exception
+        delay = scheduler.tick_alarms(time.time())  # logs, pauses: no exception
         assert delay > 0
         assert Alarm.objects.get(message_id="after-outage").state == states.PENDING
     finally:
-        app.conf.broker_url = real_url
+        scheduler.app = app
         scheduler._drop_broker_connection()
     run_beat(scheduler, lambda: Answer.objects.filter(message_id="after-outage").exists(), 10, "delivery")
 
