@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from django.conf import settings as django_settings
@@ -23,6 +24,14 @@ DEFAULTS: dict[str, Any] = {
     "TIMEOUT_LEASE": 60_000,
     # An alarm published more than this (ms) after its time carries ``assigns["late"] = True``.
     "LATE_AFTER": 1_000,
+    # Ended alarms (finished, failed, cancelled): None removes them at once (the seed's behaviour);
+    # seconds (or a timedelta) keeps them, with their attempt history, that long as history.
+    "KEEP_FINISHED": None,
+    # How many ended alarms one prune statement removes; beat prunes every PRUNE_INTERVAL ms.
+    "PRUNE_BATCH": 1_000,
+    "PRUNE_INTERVAL": 60_000,
+    # How often (ms) a beat records its windows and counters for ``scheduller_status``.
+    "BEAT_RECORD_INTERVAL": 10_000,
 }
 
 
@@ -42,6 +51,19 @@ class Settings:
 
             raise ConfigurationError(f"{PREFIX}{name} must be a positive integer (ms), got {value!r}")
         return value
+
+    def keep_finished(self) -> dt.timedelta | None:
+        """How long ended alarms are kept, or None to remove them at once."""
+        value = self.KEEP_FINISHED
+        if value is None or value == 0:
+            return None
+        if isinstance(value, dt.timedelta):
+            return value if value > dt.timedelta(0) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            from .exceptions import ConfigurationError
+
+            raise ConfigurationError(f"{PREFIX}KEEP_FINISHED must be None, seconds or a timedelta, got {value!r}")
+        return dt.timedelta(seconds=value)
 
 
 settings = Settings()

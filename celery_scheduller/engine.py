@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery
 
-from . import registry, responses, store
+from . import registry, responses, signals, store
 from .conf import settings
 from .hooks import header_of, task_id_of
 from .message import Message, Response
@@ -34,12 +36,18 @@ def to_datetime(moment: float) -> dt.datetime:
 class AlarmEngine:
     """The alarm side of one beat process: the loaded windows and the heap of due times."""
 
-    def __init__(self, app: Celery, names: Callable[[], Sequence[str]] = registry.names) -> None:
+    def __init__(
+        self, app: Celery, names: Callable[[], Sequence[str]] = registry.names, name: str | None = None
+    ) -> None:
         self.app = app
         self._names = names
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.heap = DueHeap()
         self.windows: dict[str, Window] = {}
         self.next_poll_at = float("-inf")
+        self.next_record_at = float("-inf")
+        self.next_prune_at = float("-inf")
+        self.started_at: float | None = None
         self.published = 0
         self.timeouts = 0
 
@@ -57,11 +65,44 @@ class AlarmEngine:
         if polling:
             more = self._answer_timeouts(names, to_datetime(now)) or more
             self.next_poll_at = now + settings.positive_ms("POLL_INTERVAL") / 1000
+        if now >= self.next_record_at:
+            self._record(now)
+        if now >= self.next_prune_at:
+            self._prune(now)
         if more:
             return 0.0
         return next_wakeup(
-            now, self.heap.next_due(), self.next_poll_at, *(window.next_load_at for window in self.windows.values())
+            now,
+            self.heap.next_due(),
+            self.next_poll_at,
+            self.next_record_at,
+            self.next_prune_at,
+            *(window.next_load_at for window in self.windows.values()),
         )
+
+    def _record(self, now: float) -> None:
+        """Tell ``scheduller_status`` this beat is alive and what it holds."""
+        if self.started_at is None:
+            self.started_at = now
+        windows = {
+            name: to_datetime(window.loaded_until).isoformat()
+            for name, window in self.windows.items()
+            if window.loaded_until is not None
+        }
+        store.record_beat(
+            self.name, to_datetime(self.started_at), to_datetime(now), windows, self.published, self.timeouts
+        )
+        self.next_record_at = now + settings.positive_ms("BEAT_RECORD_INTERVAL") / 1000
+
+    def _prune(self, now: float) -> None:
+        """Remove kept history older than KEEP_FINISHED, one batch per prune interval."""
+        self.next_prune_at = now + settings.positive_ms("PRUNE_INTERVAL") / 1000
+        keep = settings.keep_finished()
+        if keep is None:
+            return
+        pruned = store.prune(to_datetime(now) - keep, settings.positive_ms("PRUNE_BATCH"))
+        if pruned:
+            logger.info("pruned %s ended alarms", pruned, extra={"action": "pruned", "count": pruned})
 
     def _load_window(self, name: str, now: float) -> None:
         window = self.windows.get(name)
@@ -97,27 +138,43 @@ class AlarmEngine:
         limit = settings.positive_ms("BATCH_SIZE")
         rows = store.claim_due(names, now, limit)
         late_before = now - dt.timedelta(milliseconds=settings.LATE_AFTER)
+        known = self._known_tasks()
         for index, row in enumerate(rows):
-            ref = store.AttemptRef(row["pk"], row["scheduller"], row["attempt"], row["deadline"])
+            ref = store.AttemptRef.of_row(row)
             message = store.message_from_row(row)
             if row["dispatch_at"] < late_before:
                 message = message.assign("late", True)
+            if known is not None and message.service_name not in known:
+                self._fail(ref, message, f"UnknownTask: no Celery task named {message.service_name!r}", now)
+                continue
             try:
                 self._send(ref, message, producer)
             except Exception as exc:
-                unsent = [store.AttemptRef(r["pk"], r["scheduller"], r["attempt"], r["deadline"]) for r in rows[index:]]
+                unsent = [store.AttemptRef.of_row(r) for r in rows[index:]]
                 store.release(unsent, now)
                 raise PublishFailed(f"publishing alarm {message.id} failed; released {len(unsent)} claims") from exc
+            signals.send(signals.alarm_published, ref.scheduller, message=message, attempt=ref.attempt)
             logger.debug(
                 "published alarm %s attempt %s",
                 message.id,
                 ref.attempt,
                 extra={"alarm_id": message.id, "attempt": ref.attempt, "action": "published"},
             )
-        self.published += len(rows)
+        self.published += len(rows)  # published or failed: each claimed attempt was handled once
         if rows:
             logger.info("published %s alarms", len(rows), extra={"action": "published", "count": len(rows)})
         return len(rows) == limit
+
+    def _known_tasks(self) -> set[str] | None:
+        """The app's registered task names, or None when this process never loaded the project's tasks."""
+        names = set(self.app.tasks)
+        return names if any(not name.startswith("celery.") for name in names) else None
+
+    def _fail(self, ref: store.AttemptRef, message: Message, reason: str, now: dt.datetime) -> None:
+        # Publishing would only make the worker drop it; mark it failed, visible, not retried forever.
+        if store.fail(ref, reason, now):
+            logger.error("alarm %s failed: %s", message.id, reason, extra={"alarm_id": message.id, "action": "failed"})
+            signals.send(signals.alarm_failed, ref.scheduller, message=message, attempt=ref.attempt, reason=reason)
 
     def _send(self, ref: store.AttemptRef, message: Message, producer: Any) -> None:
         self.app.send_task(

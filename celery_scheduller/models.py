@@ -1,4 +1,4 @@
-"""The alarm table: one row per scheduled message, the current attempt's state on the row."""
+"""The alarm tables: one row per scheduled message, and the history of its answered attempts."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ class Alarm(models.Model):
     task_name = models.CharField(max_length=255)
     raw_request = models.JSONField(default=dict)
     assigns = models.JSONField(default=dict)
-    correlation_id = models.CharField(max_length=255, blank=True, default="")
+    correlation_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
     causation_id = models.CharField(max_length=255, blank=True, default="")
     aggregate_id = models.CharField(max_length=255, db_index=True)
-    dispatch_at = models.DateTimeField()
+    dispatch_at = models.DateTimeField(db_index=True)
     state = models.CharField(max_length=16, choices=states.CHOICES, default=states.PENDING)
     #: How many times this alarm has been published; the current attempt's number once published.
     attempt = models.PositiveIntegerField(default=0)
@@ -31,6 +31,8 @@ class Alarm(models.Model):
     #: When a response for the published attempt stops being awaited.
     deadline = models.DateTimeField(null=True, blank=True)
     last_response = models.JSONField(null=True, blank=True)
+    #: When the alarm ended (finished, failed or cancelled); kept rows are pruned after KEEP_FINISHED.
+    finished_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -40,7 +42,44 @@ class Alarm(models.Model):
             models.Index(fields=["state", "dispatch_at"], name="csched_state_due"),
             # beat's timeout scan: published rows by deadline
             models.Index(fields=["state", "deadline"], name="csched_state_deadline"),
+            # pruning of kept history
+            models.Index(fields=["state", "finished_at"], name="csched_state_finished"),
+            # the admin's Scheduller filter and the status command's counts
+            models.Index(fields=["scheduller", "state", "dispatch_at"], name="csched_owner_state_due"),
         ]
 
     def __str__(self) -> str:
         return f"{self.message_id} ({self.state}, attempt {self.attempt})"
+
+
+class AlarmAttempt(models.Model):
+    """One answered attempt of an alarm that stays on record (retried, or kept after it ended)."""
+
+    message_id = models.CharField(max_length=255)
+    attempt = models.PositiveIntegerField()
+    published_at = models.DateTimeField(null=True, blank=True)
+    responded_at = models.DateTimeField()
+    status = models.CharField(max_length=16)
+    error = models.TextField(blank=True, default="")
+    decision = models.CharField(max_length=50, blank=True, default="")
+
+    class Meta:
+        indexes = [models.Index(fields=["message_id", "attempt"], name="csched_attempt_msg")]
+
+    def __str__(self) -> str:
+        return f"{self.message_id} attempt {self.attempt}: {self.status}"
+
+
+class BeatRecord(models.Model):
+    """What a running beat last said about itself: its loaded windows and what it published."""
+
+    name = models.CharField(max_length=255, unique=True)
+    started_at = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+    #: Scheduller name → ISO time up to which that Scheduller's alarms are loaded.
+    windows = models.JSONField(default=dict)
+    published = models.PositiveBigIntegerField(default=0)
+    timeouts = models.PositiveBigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return self.name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from . import registry, store
+from . import registry, signals, store
 from .conf import settings
 from .message import Message, Response
 from .scheduller import Retry, validate_decision
@@ -22,6 +22,8 @@ def respond(ref: store.AttemptRef, message: Message, response: Response, now: dt
     """
     answered = message.with_response(response)
     log_extra = {"alarm_id": message.id, "attempt": ref.attempt, "status": response.status}
+    if response.status == "timeout":
+        signals.send(signals.alarm_timed_out, ref.scheduller, message=answered, attempt=ref.attempt)
     try:
         scheduller = registry.get(ref.scheduller)
         decision = validate_decision(scheduller.service_responded(answered), message)
@@ -35,16 +37,30 @@ def respond(ref: store.AttemptRef, message: Message, response: Response, now: dt
         )
         due = now + dt.timedelta(milliseconds=backoff)
         again = message.assign("dispatch_at", due)
-        applied = store.retry(ref, again, due, _timeout_or_default(ref, again), response, now)
+        applied = store.retry(ref, again, due, _timeout_or_default(ref, again), response, now, "error back-off")
+        if applied:
+            _after_retry(ref, answered, again, due)
         return _logged(applied, "error_backoff", message, log_extra)
 
     if not isinstance(decision, Retry):  # validate_decision let only OK through besides Retry
-        return _logged(store.finish(ref), "finished", message, log_extra)
+        applied = store.finish(ref, response, now, settings.keep_finished() is not None)
+        if applied:
+            signals.send(signals.alarm_responded, ref.scheduller, message=answered, attempt=ref.attempt)
+            signals.send(signals.alarm_finished, ref.scheduller, message=answered, attempt=ref.attempt)
+        return _logged(applied, "finished", message, log_extra)
 
     due = now + dt.timedelta(milliseconds=decision.in_ms)
     again = (decision.message or message).with_response(None).assign("dispatch_at", due)
     timeout = scheduller._timeout_of(again)
-    return _logged(store.retry(ref, again, due, timeout, response, now), "retried", message, log_extra)
+    applied = store.retry(ref, again, due, timeout, response, now, f"retry in {decision.in_ms} ms")
+    if applied:
+        _after_retry(ref, answered, again, due)
+    return _logged(applied, "retried", message, log_extra)
+
+
+def _after_retry(ref: store.AttemptRef, answered: Message, again: Message, due: dt.datetime) -> None:
+    signals.send(signals.alarm_responded, ref.scheduller, message=answered, attempt=ref.attempt)
+    signals.send(signals.alarm_retried, ref.scheduller, message=again, attempt=ref.attempt, dispatch_at=due)
 
 
 def _timeout_or_default(ref: store.AttemptRef, message: Message) -> int:

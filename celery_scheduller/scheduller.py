@@ -94,8 +94,9 @@ class Scheduller:
         Overrides must call ``super().save_alarm``: beat claims and publishes from the package's table.
         """
         from . import store
+        from .conf import settings
 
-        store.insert([self._new_alarm(message, aggregate_id)])
+        store.insert([self._new_alarm(message, aggregate_id)], settings.keep_finished() is not None)
 
     def load_alarms(self, load_from: dt.datetime | None, load_until: dt.datetime) -> list[Message]:
         """Pending alarms due in ``(load_from, load_until]``; ``load_from`` is None on start."""
@@ -138,25 +139,66 @@ class Scheduller:
             (self._prepare(message, aggregate_id, at, None, now), aggregate_id) for message, aggregate_id, at in alarms
         ]
         if type(self).save_alarm is Scheduller.save_alarm:
-            store.insert([self._new_alarm(message, aggregate_id) for message, aggregate_id in prepared])
+            from .conf import settings
+
+            keep = settings.keep_finished() is not None
+            store.insert([self._new_alarm(message, aggregate_id) for message, aggregate_id in prepared], keep)
         else:
             for message, aggregate_id in prepared:
                 self.save_alarm(message, aggregate_id)
         return [message for message, _ in prepared]
 
-    def cancel(self, message_id: str) -> bool:
-        """Remove the alarm with this message id; True if there was one."""
+    def cancel(self, message_id: str, *, now: dt.datetime | None = None) -> bool:
+        """Take the alarm with this message id off the schedule; True if it was on it."""
+        return len(self._cancel(now, message_ids=[message_id])) > 0
+
+    def cancel_aggregate(self, aggregate_id: str, *, now: dt.datetime | None = None) -> int:
+        """Take every alarm of ``aggregate_id`` off the schedule; return how many there were."""
+        return len(self._cancel(now, aggregate_id=aggregate_id))
+
+    def reschedule(
+        self,
+        message_id: str,
+        *,
+        at: dt.datetime | None = None,
+        in_ms: int | None = None,
+        now: dt.datetime | None = None,
+    ) -> bool:
+        """Move a pending alarm to ``at`` or ``in_ms`` from now; False when it is not pending."""
         from . import store
 
         registry.check_served(type(self))
-        return store.cancel(self.scheduller_name(), [message_id]) > 0
+        now = now or _now()
+        return store.reschedule(self.scheduller_name(), message_id, due_time(at, in_ms, now), now)
 
-    def cancel_aggregate(self, aggregate_id: str) -> int:
-        """Remove every alarm of ``aggregate_id``; return how many there were."""
+    def dispatch_now(self, message_id: str, *, now: dt.datetime | None = None) -> bool:
+        """Make a pending alarm due at once; False when it is not pending."""
+        return self.reschedule(message_id, in_ms=0, now=now)
+
+    def restart(self, message_id: str, *, in_ms: int = 0, now: dt.datetime | None = None) -> bool:
+        """Put an ended (finished, failed or cancelled, kept as history) alarm back on the schedule."""
         from . import store
 
         registry.check_served(type(self))
-        return store.cancel_aggregate(self.scheduller_name(), aggregate_id)
+        now = now or _now()
+        return store.restart(self.scheduller_name(), message_id, due_time(None, in_ms, now), now)
+
+    def _cancel(self, now: dt.datetime | None, *, message_ids: Sequence[str] = (), aggregate_id: str = "") -> list[str]:
+        from . import signals, store
+        from .conf import settings
+
+        registry.check_served(type(self))
+        name = self.scheduller_name()
+        cancelled = store.cancel(
+            name,
+            now or _now(),
+            settings.keep_finished() is not None,
+            message_ids=message_ids,
+            aggregate_id=aggregate_id,
+        )
+        if cancelled:
+            signals.send(signals.alarm_cancelled, name, message_ids=cancelled)
+        return cancelled
 
     # -- internals ---------------------------------------------------------------------------------
 

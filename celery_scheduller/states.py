@@ -2,21 +2,38 @@
 
 ::
 
-    pending --claim--> published --OK--> (row removed)
+    pending --claim--> published --OK--> finished (or removed, without KEEP_FINISHED)
        ^                  |  \\--Retry / error back-off--> pending (next attempt, later)
        |                  \\--publish failed (release)--> pending
-       \\---- dispatch      published --deadline passed--> timeout handled like a response
+       |               published --deadline passed--> timeout, answered like a response
+       |               pending --task unknown at publish--> failed
+       \\---- dispatch / reschedule / restart (of an ended alarm)
+    pending, published --cancel--> cancelled (or removed, without KEEP_FINISHED)
 
-Every transition is one conditional UPDATE (or DELETE) in ``store`` naming the state, and for a
-published alarm the attempt and deadline, it expects.
+Every transition is one conditional statement in ``store`` naming the state, and for a published
+alarm the attempt and deadline, it expects.
 """
 
 from __future__ import annotations
 
 PENDING = "pending"
 PUBLISHED = "published"
+FINISHED = "finished"
+FAILED = "failed"
+CANCELLED = "cancelled"
 
-CHOICES = [(PENDING, "pending"), (PUBLISHED, "published")]
+CHOICES = [
+    (PENDING, "pending"),
+    (PUBLISHED, "published"),
+    (FINISHED, "finished"),
+    (FAILED, "failed"),
+    (CANCELLED, "cancelled"),
+]
+
+#: States of an alarm still on the schedule.
+ACTIVE: tuple[str, ...] = (PENDING, PUBLISHED)
+#: States of an alarm kept as history after it ended.
+ENDED: tuple[str, ...] = (FINISHED, FAILED, CANCELLED)
 
 #: For each transition, the states it may start from.
 TRANSITIONS: dict[str, tuple[str, ...]] = {
@@ -25,5 +42,9 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "finish": (PUBLISHED,),
     "retry": (PUBLISHED,),
     "lease_timeout": (PUBLISHED,),
-    "cancel": (PENDING, PUBLISHED),
+    "fail": (PUBLISHED,),
+    "cancel": ACTIVE,
+    "reschedule": (PENDING,),
+    "restart": ENDED,
+    "prune": ENDED,
 }

@@ -18,7 +18,7 @@ from django.db.models import F, QuerySet
 
 from . import states
 from .message import Message, Response, from_json_value, to_json_value
-from .models import Alarm
+from .models import Alarm, AlarmAttempt, BeatRecord
 
 #: The columns beat and the hooks need to rebuild a Message and address its attempt.
 ROW_FIELDS = (
@@ -35,6 +35,7 @@ ROW_FIELDS = (
     "attempt",
     "timeout_ms",
     "deadline",
+    "published_at",
 )
 
 
@@ -47,27 +48,41 @@ class AttemptRef:
     """Names one published attempt of one alarm: the WHERE of every response write."""
 
     pk: int
+    message_id: str
     scheduller: str
     attempt: int
     deadline: dt.datetime
+    published_at: dt.datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-native form, carried in the task's headers."""
         return {
             "pk": self.pk,
+            "message_id": self.message_id,
             "scheduller": self.scheduller,
             "attempt": self.attempt,
             "deadline": self.deadline.isoformat(),
+            "published_at": None if self.published_at is None else self.published_at.isoformat(),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AttemptRef:
         """Inverse of ``to_json``."""
+        published_at = data.get("published_at")
         return cls(
             pk=int(data["pk"]),
+            message_id=str(data["message_id"]),
             scheduller=str(data["scheduller"]),
             attempt=int(data["attempt"]),
             deadline=dt.datetime.fromisoformat(data["deadline"]),
+            published_at=None if published_at is None else dt.datetime.fromisoformat(published_at),
+        )
+
+    @classmethod
+    def of_row(cls, row: dict[str, Any]) -> AttemptRef:
+        """The published attempt a row fetched with ``ROW_FIELDS`` is at."""
+        return cls(
+            row["pk"], row["message_id"], row["scheduller"], row["attempt"], row["deadline"], row["published_at"]
         )
 
 
@@ -93,8 +108,13 @@ def message_from_row(row: dict[str, Any]) -> Message:
     )
 
 
-def insert(alarms: Sequence[NewAlarm], batch_size: int = 2_000) -> None:
-    """Store new pending alarms; an id that already exists is left as it is (not raised)."""
+def insert(alarms: Sequence[NewAlarm], keep_history: bool, batch_size: int = 2_000) -> None:
+    """Store new pending alarms; an id already on the schedule is left as it is (not raised).
+
+    With history kept, an ended alarm of the same id is replaced: ids may be scheduled again.
+    """
+    if keep_history:
+        _remove_ended([new.message.id for new in alarms])
     rows = [
         Alarm(
             message_id=new.message.id,
@@ -155,6 +175,7 @@ def claim_due(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[
     for row in rows:
         row["attempt"] += 1
         row["deadline"] = now + dt.timedelta(milliseconds=row["timeout_ms"])
+        row["published_at"] = now
     return rows
 
 
@@ -166,10 +187,39 @@ def release(refs: Iterable[AttemptRef], now: dt.datetime) -> int:
     return released
 
 
-def finish(ref: AttemptRef) -> bool:
-    """End the alarm after ``OK``: remove it, if ``ref`` is still its current attempt."""
-    deleted, _ = _published(ref).delete()
-    return deleted > 0
+def finish(ref: AttemptRef, response: Response, now: dt.datetime, keep_history: bool) -> bool:
+    """End the alarm after ``OK``, if ``ref`` is still its current attempt.
+
+    Without history the row goes (one DELETE; the attempt history too, if earlier attempts left one);
+    with history it becomes ``finished`` and the attempt is recorded.
+    """
+    if not keep_history:
+        deleted, _ = _published(ref).delete()
+        if deleted and ref.attempt > 1:
+            AlarmAttempt.objects.filter(message_id=ref.message_id).delete()
+        return deleted > 0
+    with transaction.atomic():
+        changed = _published(ref).update(
+            state=states.FINISHED, deadline=None, finished_at=now, last_response=response.to_json(), updated_at=now
+        )
+        if changed:
+            _record_attempt(ref, response, now, "ok")
+    return changed > 0
+
+
+def fail(ref: AttemptRef, reason: str, now: dt.datetime) -> bool:
+    """Mark a published attempt that cannot be delivered ``failed``, with ``reason`` as its response.
+
+    Kept whatever KEEP_FINISHED says, so an operator sees it; pruned with the rest of the history.
+    """
+    response = Response("error", error=reason)
+    with transaction.atomic():
+        changed = _published(ref).update(
+            state=states.FAILED, deadline=None, finished_at=now, last_response=response.to_json(), updated_at=now
+        )
+        if changed:
+            _record_attempt(ref, response, now, "failed")
+    return changed > 0
 
 
 def retry(
@@ -179,20 +229,36 @@ def retry(
     timeout_ms: int,
     response: Response | None,
     now: dt.datetime,
+    decision: str = "retry",
 ) -> bool:
     """Store ``message`` as the alarm's next attempt at ``dispatch_at``, if ``ref`` is still current."""
-    changed: int = _published(ref).update(
-        state=states.PENDING,
-        task_name=message.service_name,
-        raw_request=to_json_value(message.raw_request, "raw_request"),
-        assigns=to_json_value(message.assigns, "assigns"),
-        dispatch_at=dispatch_at,
-        timeout_ms=timeout_ms,
-        deadline=None,
-        last_response=None if response is None else response.to_json(),
-        updated_at=now,
-    )
+    with transaction.atomic():
+        changed: int = _published(ref).update(
+            state=states.PENDING,
+            task_name=message.service_name,
+            raw_request=to_json_value(message.raw_request, "raw_request"),
+            assigns=to_json_value(message.assigns, "assigns"),
+            dispatch_at=dispatch_at,
+            timeout_ms=timeout_ms,
+            deadline=None,
+            last_response=None if response is None else response.to_json(),
+            updated_at=now,
+        )
+        if changed and response is not None:
+            _record_attempt(ref, response, now, decision)
     return changed > 0
+
+
+def _record_attempt(ref: AttemptRef, response: Response, now: dt.datetime, decision: str) -> None:
+    AlarmAttempt.objects.create(
+        message_id=ref.message_id,
+        attempt=ref.attempt,
+        published_at=ref.published_at,
+        responded_at=now,
+        status=response.status,
+        error=response.error or "",
+        decision=decision[:50],
+    )
 
 
 def lease_timeouts(
@@ -218,9 +284,7 @@ def lease_timeouts(
             )
             if changed != len(pks):
                 raise ClaimConflict(f"leased {changed} of {len(pks)} locked timeouts")
-    return [
-        (AttemptRef(row["pk"], row["scheduller"], row["attempt"], lease_until), message_from_row(row)) for row in rows
-    ]
+    return [(dataclasses.replace(AttemptRef.of_row(row), deadline=lease_until), message_from_row(row)) for row in rows]
 
 
 def published_attempt(message_id: str, attempt: int) -> tuple[AttemptRef, Message] | None:
@@ -230,23 +294,99 @@ def published_attempt(message_id: str, attempt: int) -> tuple[AttemptRef, Messag
     )
     if row is None or row["deadline"] is None:
         return None
-    return AttemptRef(row["pk"], row["scheduller"], row["attempt"], row["deadline"]), message_from_row(row)
+    return AttemptRef.of_row(row), message_from_row(row)
 
 
-def cancel(scheduller: str, message_ids: Iterable[str]) -> int:
-    """Remove alarms by message id; a published attempt's late response is then ignored."""
-    deleted, _ = Alarm.objects.filter(
-        scheduller=scheduller, message_id__in=list(message_ids), state__in=states.TRANSITIONS["cancel"]
-    ).delete()
+def cancel(
+    scheduller: str, now: dt.datetime, keep_history: bool, *, message_ids: Iterable[str] = (), aggregate_id: str = ""
+) -> list[str]:
+    """Take alarms off the schedule by message id or by aggregate; returns the ids cancelled.
+
+    A published attempt's late response is then ignored. Without history the rows are removed.
+    """
+    active = Alarm.objects.filter(scheduller=scheduller, state__in=states.TRANSITIONS["cancel"])
+    query = (
+        active.filter(aggregate_id=aggregate_id) if aggregate_id else active.filter(message_id__in=list(message_ids))
+    )
+    with transaction.atomic():
+        found = list(query.values_list("pk", "message_id"))
+        if not found:
+            return []
+        guarded = active.filter(pk__in=[pk for pk, _ in found])
+        if keep_history:
+            changed = guarded.update(state=states.CANCELLED, deadline=None, finished_at=now, updated_at=now)
+        else:
+            changed, _ = guarded.delete()
+            AlarmAttempt.objects.filter(message_id__in=[message_id for _, message_id in found]).delete()
+        if changed != len(found):
+            raise ClaimConflict(f"cancelled {changed} of {len(found)} alarms; another process changed them")
+    return [message_id for _, message_id in found]
+
+
+def reschedule(scheduller: str, message_id: str, dispatch_at: dt.datetime, now: dt.datetime) -> bool:
+    """Move a pending alarm to ``dispatch_at``; False when it is not pending (published, ended, gone)."""
+    changed = Alarm.objects.filter(
+        scheduller=scheduller, message_id=message_id, state__in=states.TRANSITIONS["reschedule"]
+    ).update(dispatch_at=dispatch_at, updated_at=now)
+    return changed > 0
+
+
+def restart(scheduller: str, message_id: str, dispatch_at: dt.datetime, now: dt.datetime) -> bool:
+    """Put an ended (finished, failed, cancelled) alarm back on the schedule at ``dispatch_at``."""
+    row = (
+        Alarm.objects.filter(scheduller=scheduller, message_id=message_id, state__in=states.TRANSITIONS["restart"])
+        .values("pk", "assigns", "state")
+        .first()
+    )
+    if row is None:
+        return False
+    assigns = {**row["assigns"], "dispatch_at": to_json_value(dispatch_at)}
+    changed = Alarm.objects.filter(pk=row["pk"], state=row["state"]).update(
+        state=states.PENDING, dispatch_at=dispatch_at, assigns=assigns, deadline=None, finished_at=None, updated_at=now
+    )
+    return changed > 0
+
+
+def prune(before: dt.datetime, limit: int) -> int:
+    """Remove up to ``limit`` ended alarms (and their attempt history) that ended before ``before``."""
+    with transaction.atomic():
+        found = list(
+            Alarm.objects.filter(state__in=states.TRANSITIONS["prune"], finished_at__lt=before)
+            .order_by("state", "finished_at")
+            .values_list("pk", "message_id")[:limit]
+        )
+        if not found:
+            return 0
+        deleted, _ = Alarm.objects.filter(
+            pk__in=[pk for pk, _ in found], state__in=states.TRANSITIONS["prune"]
+        ).delete()
+        AlarmAttempt.objects.filter(message_id__in=[message_id for _, message_id in found]).delete()
     return deleted
 
 
-def cancel_aggregate(scheduller: str, aggregate_id: str) -> int:
-    """Remove every alarm of ``aggregate_id``."""
-    deleted, _ = Alarm.objects.filter(
-        scheduller=scheduller, aggregate_id=aggregate_id, state__in=states.TRANSITIONS["cancel"]
-    ).delete()
-    return deleted
+def record_beat(
+    name: str, started_at: dt.datetime, now: dt.datetime, windows: dict[str, str], published: int, timeouts: int
+) -> None:
+    """Record a beat's windows and counters for ``scheduller_status``."""
+    BeatRecord.objects.update_or_create(
+        name=name,
+        defaults={
+            "started_at": started_at,
+            "last_seen": now,
+            "windows": windows,
+            "published": published,
+            "timeouts": timeouts,
+        },
+    )
+
+
+def _remove_ended(message_ids: list[str]) -> None:
+    ended = list(
+        Alarm.objects.filter(message_id__in=message_ids, state__in=states.ENDED).values_list("message_id", flat=True)
+    )
+    if ended:
+        Alarm.objects.filter(message_id__in=ended, state__in=states.ENDED).delete()
+        AlarmAttempt.objects.filter(message_id__in=ended).delete()
 
 
 def _published(ref: AttemptRef) -> QuerySet[Alarm]:

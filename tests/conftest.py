@@ -110,6 +110,14 @@ def beat(tmp_path: Path) -> Callable[..., object]:
         scheduler.close()
 
 
+def on_schedule(*message_ids: str) -> bool:
+    """True while any of these alarms is pending or published (ended ones may be kept as history)."""
+    from celery_scheduller import states
+    from celery_scheduller.models import Alarm
+
+    return Alarm.objects.filter(message_id__in=message_ids, state__in=states.ACTIVE).exists()
+
+
 def run_beat(scheduler: object, until: Callable[[], object], timeout: float, what: str) -> object:
     """Tick ``scheduler``'s alarm side (sleeping as it asks, at most 50 ms) until ``until()`` holds."""
     deadline = time.monotonic() + timeout

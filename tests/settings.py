@@ -56,6 +56,8 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_SCHEDULLER_CLASSES = ["tests.testapp.alarms.TestAlarms", "tests.testapp.alarms.BrokenAlarms"]
 CELERY_SCHEDULLER_POLL_INTERVAL = 200
 CELERY_SCHEDULLER_ERROR_BACKOFF = 500
+# Ended alarms are kept as history (the admin and status tests read it); "0" runs the seed's default.
+CELERY_SCHEDULLER_KEEP_FINISHED = int(os.environ.get("CSCHED_KEEP_FINISHED", "3600")) or None
 
 LOGGING = {
     "version": 1,

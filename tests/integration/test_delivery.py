@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from celery_scheduller import Message
 from celery_scheduller.models import Alarm
-from tests.conftest import run_beat, wait_for
+from tests.conftest import on_schedule, run_beat, wait_for
 from tests.testapp.alarms import TestAlarms
 from tests.testapp.models import Answer, Run
 
@@ -30,7 +30,7 @@ def test_alarm_is_delivered_on_time_and_removed_after_ok(beat):
     assert run.kwargs == {"result": 42}
     answer = wait_for(lambda: Answer.objects.filter(message_id="on-time").first(), 10, "service_responded")
     assert (answer.status, answer.value, answer.decision) == ("ok", 42, "ok")
-    wait_for(lambda: not Alarm.objects.filter(message_id="on-time").exists(), 10, "the alarm to be removed")
+    wait_for(lambda: not on_schedule("on-time"), 10, "the alarm to be removed")
 
 
 def test_alarm_loaded_with_the_window_fires_on_time(beat):
@@ -59,7 +59,7 @@ def test_retry_delivers_the_modified_message_until_ok(beat):
     assert all(0.3 <= gap < 2.0 for gap in gaps), gaps
     answers = list(Answer.objects.filter(message_id="retried").order_by("at").values_list("decision", flat=True))
     assert answers == ["retry 300", "retry 300", "ok"]
-    wait_for(lambda: not Alarm.objects.filter(message_id="retried").exists(), 10, "removal")
+    wait_for(lambda: not on_schedule("retried"), 10, "removal")
 
 
 def test_exception_becomes_an_error_response(beat):
@@ -78,7 +78,7 @@ def test_no_response_within_dispatch_timeout_is_a_timeout_and_the_late_result_is
     assert answer.status == "timeout"
     published = Run.objects.get(message_id="slow").started_at
     assert 0.6 <= (answer.at - published).total_seconds() < 2.0
-    assert not Alarm.objects.filter(message_id="slow").exists()
+    assert not on_schedule("slow")
     time.sleep(3.0)  # the task finishes now, after its deadline: its response must be ignored
     assert list(Answer.objects.filter(message_id="slow").values_list("status", flat=True)) == ["timeout"]
 
@@ -133,7 +133,7 @@ def test_service_responded_raising_or_returning_garbage_is_retried_after_backoff
 
     BrokenAlarms().dispatch(Message.new("testapp.record", id="broken"), "agg", in_ms=0)
     scheduler = beat()
-    run_beat(scheduler, lambda: not Alarm.objects.filter(message_id="broken").exists(), 20, "the alarm to end")
+    run_beat(scheduler, lambda: not on_schedule("broken"), 20, "the alarm to end")
     assert Run.objects.filter(message_id="broken").count() == 3
     assert list(Answer.objects.filter(message_id="broken").order_by("at").values_list("decision", flat=True)) == [
         "0",
