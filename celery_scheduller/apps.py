@@ -13,6 +13,7 @@ class CelerySchedullerConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import hooks
+        from . import checks, hooks
 
         hooks.connect()
+        _ = checks  # importing registers the system checks

@@ -73,3 +73,12 @@ class UnlistedAlarms(Scheduller):
 
     def service_responded(self, message: Message) -> Any:
         return OK
+
+
+class SameNameAlarms(Scheduller):
+    """Shares TestAlarms' name: the system check must refuse the pair."""
+
+    name = "tests"
+
+    def service_responded(self, message: Message) -> Any:
+        return OK
