@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.utils import timezone
@@ -138,6 +139,8 @@ class AlarmAdmin(_AlarmAdminBase):
     search_help_text = "An exact message id, aggregate id or correlation id."
     date_hierarchy = "dispatch_at"
     ordering = ("-dispatch_at",)
+    # only columns an index can sort at a million rows
+    sortable_by = ("message_id", "aggregate_id", "dispatch_at")
     list_per_page = 100
     show_full_result_count = False
     paginator = CappedPaginator
@@ -149,11 +152,35 @@ class AlarmAdmin(_AlarmAdminBase):
         ("Responses", {"fields": ("last_response_pretty", "attempt_history")}),
     )
 
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Alarm], search_term: str
+    ) -> tuple[QuerySet[Alarm], bool]:
+        """Exact, case-sensitive matches, which the unique and secondary indexes serve."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(Q(message_id=term) | Q(aggregate_id=term) | Q(correlation_id=term)), False
+
     def get_readonly_fields(self, request: HttpRequest, obj: Alarm | None = None) -> list[str]:
         return [str(name) for _, options in self.fieldsets for name in options["fields"]]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # alarms are made by Scheduller.dispatch
+
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        """Read-only: the page shows the alarm; state changes go through the actions (the API)."""
+        if request.method == "POST":
+            raise PermissionDenied("alarms change through the actions, not by editing fields")
+        context = {
+            **(extra_context or {}),
+            "show_save": False,
+            "show_save_and_continue": False,
+            "show_save_and_add_another": False,
+            "show_delete": False,
+        }
+        return super().change_view(request, object_id, form_url, context)
 
     def has_delete_permission(self, request: HttpRequest, obj: Alarm | None = None) -> bool:
         return False  # the cancel action removes alarms, through the API

@@ -1,0 +1,84 @@
+"""Time the alarm admin's pages at a million rows on PostgreSQL.
+
+    python bench/admin_speed.py [--rows 1000000]
+
+Creates (and drops first) the database ``csched_bench``, migrates it, fills it with ``--rows`` alarms
+in one statement, then requests each page five times with Django's test client as a superuser and
+prints the median and worst time and the number of queries. Needs PostgreSQL on 127.0.0.1:5432.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+os.environ["CSCHED_DB"] = "postgres"
+os.environ["CSCHED_DB_NAME"] = "csched_bench"
+
+PAGES = [
+    ("changelist", "/admin/celery_scheduller/alarm/"),
+    ("filter state=pending", "/admin/celery_scheduller/alarm/?state__exact=pending"),
+    ("filter failed + Scheduller", "/admin/celery_scheduller/alarm/?state__exact=failed&scheduller=tests"),
+    ("filter overdue", "/admin/celery_scheduller/alarm/?late=overdue"),
+    ("search aggregate", "/admin/celery_scheduller/alarm/?q=order-42"),
+    ("date hierarchy: a month", "/admin/celery_scheduller/alarm/?dispatch_at__month=12&dispatch_at__year=2026"),
+    ("sort by aggregate", "/admin/celery_scheduller/alarm/?o=4"),
+    ("change page", None),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    args = parser.parse_args()
+
+    import psycopg
+
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS csched_bench WITH (FORCE)")
+        conn.execute("CREATE DATABASE csched_bench")
+
+    import django
+
+    django.setup()
+    from django.contrib.auth.models import User
+    from django.core.management import call_command
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext
+
+    from celery_scheduller.models import Alarm
+    from tests.bulk import fill
+
+    call_command("migrate", verbosity=0)
+    started = time.perf_counter()
+    fill(args.rows)
+    print(f"filled {args.rows:,} alarms in {time.perf_counter() - started:.1f} s")
+    User.objects.create_superuser("bench", "bench@example.com", "bench")
+    client = Client()
+    client.force_login(User.objects.get(username="bench"))
+    some = Alarm.objects.order_by("pk").values_list("pk", flat=True)[args.rows // 2]
+
+    print(f"\n| page ({args.rows:,} rows) | median ms | worst ms | queries |")
+    print("|---|---|---|---|")
+    for label, url in PAGES:
+        url = url or f"/admin/celery_scheduller/alarm/{some}/change/"
+        times = []
+        for _ in range(5):
+            with CaptureQueriesContext(connection) as queries:
+                began = time.perf_counter()
+                response = client.get(url)
+                times.append((time.perf_counter() - began) * 1000)
+            assert response.status_code == 200, (url, response.status_code)
+        print(f"| {label} | {statistics.median(times):.0f} | {max(times):.0f} | {len(queries.captured_queries)} |")
+
+
+if __name__ == "__main__":
+    main()

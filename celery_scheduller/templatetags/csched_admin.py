@@ -1,0 +1,81 @@
+"""A date hierarchy for the alarm changelist that never runs ``SELECT DISTINCT`` over the table.
+
+Django's own tag lists the years, months or days that hold rows with a DISTINCT over every matching
+row; at a million alarms that takes longer than the rest of the page. This one asks only for the
+first and last ``dispatch_at`` (two index look-ups) and links every period between them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from django import template
+from django.contrib.admin.views.main import ChangeList
+from django.db.models import Max, Min
+from django.utils import timezone
+
+register = template.Library()
+
+FIELD = "dispatch_at"
+
+
+@register.inclusion_tag("admin/date_hierarchy.html")
+def cheap_date_hierarchy(cl: ChangeList) -> dict[str, Any]:
+    """The same context as Django's ``date_hierarchy`` tag, from a MIN/MAX instead of a DISTINCT."""
+    year = str(cl.params.get(f"{FIELD}__year") or "")
+    month = str(cl.params.get(f"{FIELD}__month") or "")
+    day = str(cl.params.get(f"{FIELD}__day") or "")
+
+    def link(filters: dict[str, Any]) -> str:
+        remove = [f"{FIELD}__{part}" for part in ("year", "month", "day")]
+        return str(cl.get_query_string(filters, remove))
+
+    if day:
+        return {
+            "show": True,
+            "back": {"link": link({f"{FIELD}__year": year, f"{FIELD}__month": month}), "title": f"{year}-{month}"},
+            "choices": [{"title": f"{year}-{int(month):02d}-{int(day):02d}"}],
+        }
+    bounds = cl.queryset.aggregate(first=Min(FIELD), last=Max(FIELD))
+    first, last = bounds["first"], bounds["last"]
+    if first is None or last is None:
+        return {"show": False}
+    first, last = timezone.localtime(first), timezone.localtime(last)
+    if month:
+        days = _days(int(year), int(month), first, last)
+        return {
+            "show": True,
+            "back": {"link": link({f"{FIELD}__year": year}), "title": str(year)},
+            "choices": [
+                {
+                    "link": link({f"{FIELD}__year": year, f"{FIELD}__month": month, f"{FIELD}__day": d.day}),
+                    "title": d.strftime("%b %d"),
+                }
+                for d in days
+            ],
+        }
+    if year:
+        months = [m for m in range(1, 13) if (first.year, first.month) <= (int(year), m) <= (last.year, last.month)]
+        return {
+            "show": True,
+            "back": {"link": link({}), "title": "All dates"},
+            "choices": [
+                {
+                    "link": link({f"{FIELD}__year": year, f"{FIELD}__month": m}),
+                    "title": dt.date(int(year), m, 1).strftime("%B %Y"),
+                }
+                for m in months
+            ],
+        }
+    return {
+        "show": True,
+        "choices": [{"link": link({f"{FIELD}__year": y}), "title": str(y)} for y in range(first.year, last.year + 1)],
+    }
+
+
+def _days(year: int, month: int, first: dt.datetime, last: dt.datetime) -> list[dt.date]:
+    start = dt.date(year, month, 1)
+    end = (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    days = [start + dt.timedelta(days=i) for i in range((end - start).days)]
+    return [d for d in days if first.date() <= d <= last.date()]
