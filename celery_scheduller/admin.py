@@ -143,6 +143,7 @@ class AlarmAdmin(_AlarmAdminBase):
     sortable_by = ("message_id", "aggregate_id", "dispatch_at")
     list_per_page = 100
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # facet counts are a COUNT per filter choice
     paginator = CappedPaginator
     actions = ("dispatch_now", "cancel", "reschedule", "restart")
     fieldsets = (
@@ -318,6 +319,7 @@ class AlarmAttemptAdmin(_AttemptAdminBase):
     search_fields = ("=message_id",)
     list_filter = ("status",)
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
     paginator = CappedPaginator
 
     def has_add_permission(self, request: HttpRequest) -> bool:
