@@ -26,7 +26,7 @@ from django.utils.html import format_html, format_html_join
 from . import registry, states
 from .exceptions import SchedullerError
 from .models import Alarm, AlarmAttempt
-from .scheduller import Scheduller
+from .scheduller import Scheduller, known_tasks
 
 if TYPE_CHECKING:
     _AlarmAdminBase = admin.ModelAdmin[Alarm]
@@ -71,9 +71,7 @@ class TaskFilter(admin.SimpleListFilter):
     parameter_name = "task"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        from celery import current_app
-
-        return [(name, name) for name in sorted(current_app.tasks) if not name.startswith("celery.")]
+        return [(name, name) for name in sorted(known_tasks() or ()) if not name.startswith("celery.")]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Alarm]) -> QuerySet[Alarm]:
         return queryset.filter(task_name=self.value()) if self.value() else queryset

@@ -20,6 +20,7 @@ from .conf import settings
 from .hooks import header_of, task_id_of
 from .message import Message, Response
 from .planning import DueHeap, Window, next_wakeup
+from .scheduller import known_tasks
 
 logger = logging.getLogger("celery_scheduller")
 
@@ -166,9 +167,8 @@ class AlarmEngine:
         return len(rows) == limit
 
     def _known_tasks(self) -> set[str] | None:
-        """The app's registered task names, or None when this process never loaded the project's tasks."""
-        names = set(self.app.tasks)
-        return names if any(not name.startswith("celery.") for name in names) else None
+        """The app's registered task names, or None when the app has no tasks of its own."""
+        return known_tasks(self.app)
 
     def _fail(self, ref: store.AttemptRef, message: Message, reason: str, now: dt.datetime) -> None:
         # Publishing would only make the worker drop it; mark it failed, visible, not retried forever.

@@ -257,23 +257,28 @@ def due_time(at: dt.datetime | None, in_ms: int | None, now: dt.datetime) -> dt.
 _tasks_imported: set[int] = set()
 
 
-def _check_task(name: str) -> None:
-    """Refuse a task name the Celery app does not know, when the app has registered its tasks.
+def known_tasks(app: Any = None) -> set[str] | None:
+    """The task names ``app`` (default: the current app) has registered, or None if it has none of its own.
 
-    The first call in a process imports the app's task modules the way ``celery worker`` does
-    (``autodiscover_tasks`` included), so a web process checks against the same registry.
+    The first call for an app imports its task modules the way ``celery worker`` does on start
+    (``autodiscover_tasks`` included), so a web process knows the same names as the workers.
     """
-    from celery import current_app
+    if app is None:
+        from celery import current_app
 
-    app: Any = current_app._get_current_object()  # type: ignore[attr-defined]
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
     if id(app) not in _tasks_imported:
         _tasks_imported.add(id(app))
         app.loader.import_default_modules()
-    tasks = app.tasks
-    if not any(not task.startswith("celery.") for task in tasks):
-        return  # an app without tasks of its own cannot tell; the worker reports unknown tasks
-    if name not in tasks:
-        raise InvalidAlarm(f"no Celery task named {name!r} is registered with app {app.main!r}")
+    names = set(app.tasks)
+    return names if any(not name.startswith("celery.") for name in names) else None
+
+
+def _check_task(name: str) -> None:
+    """Refuse a task name the Celery app does not know, when the app has registered its tasks."""
+    names = known_tasks()
+    if names is not None and name not in names:
+        raise InvalidAlarm(f"no Celery task named {name!r} is registered with the Celery app")
 
 
 def validate_decision(decision: object, message: Message) -> Decision:

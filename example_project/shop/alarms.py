@@ -3,8 +3,10 @@
 import datetime as dt
 
 from django.db import transaction
+from django.utils import timezone
 
 from celery_scheduller import OK, Message, Retry, Scheduller
+from celery_scheduller.models import Alarm
 
 from .models import Event, Order
 
@@ -23,8 +25,11 @@ class OrderAlarms(Scheduller):
         if response.ok or tries >= 3:
             return OK
         wait_ms = 1_000 * 2**tries
+        order_id = message.raw_request.get("order_id")
+        if order_id is None:
+            return OK
         Event.objects.create(
-            order_id=message.raw_request["order_id"],
+            order_id=order_id,
             kind="retry scheduled",
             detail=f"{message.service_name}: {response.status} {response.error or ''}; again in {wait_ms} ms",
         )
@@ -37,8 +42,9 @@ class OrderAlarms(Scheduller):
         return 10_000
 
 
-def place_order(customer: str, expire_after=EXPIRE_AFTER, remind_after=REMIND_AFTER) -> Order:
-    """Create an order and, in the same transaction, its expiry and reminder alarms."""
+def place_order(customer: str, expire_after=EXPIRE_AFTER, remind_after=REMIND_AFTER, warehouse=False) -> Order:
+    """Create an order and, in the same transaction, its expiry and reminder alarms (and, with
+    ``warehouse``, a warehouse notification whose slow first try times out)."""
     alarms = OrderAlarms()
     with transaction.atomic():
         order = Order.objects.create(customer=customer)
@@ -53,7 +59,30 @@ def place_order(customer: str, expire_after=EXPIRE_AFTER, remind_after=REMIND_AF
             key,
             in_ms=int(remind_after.total_seconds() * 1000),
         )
+        if warehouse:
+            alarms.dispatch(
+                Message.new("shop.tasks.notify_warehouse", {"order_id": order.pk}, id=f"warehouse-{order.pk}"),
+                key,
+                in_ms=1_000,
+            )
     return order
+
+
+def seed_loyalty_alarms(count: int) -> int:
+    """Schedule ``count`` loyalty mails over the next 30 days (so the admin holds thousands of alarms)."""
+    alarms = OrderAlarms()
+    now = timezone.now()
+    existing = Alarm.objects.filter(message_id__startswith="loyalty-").count()
+    batch = [
+        (
+            Message.new("shop.tasks.send_loyalty_mail", {"customer": f"customer {i}"}, id=f"loyalty-{i}"),
+            f"customer-{i}",
+            now + dt.timedelta(seconds=30 * 86_400 * (i + 1) / (count + 1)),
+        )
+        for i in range(existing, count)
+    ]
+    alarms.dispatch_many(batch)
+    return len(batch)
 
 
 def pay(order: Order) -> int:

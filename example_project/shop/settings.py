@@ -95,6 +95,8 @@ CELERY_BEAT_SCHEDULE = {
 
 CELERY_SCHEDULLER_CLASSES = ["shop.alarms.OrderAlarms"]
 CELERY_SCHEDULLER_POLL_INTERVAL = 250
+# keep ended alarms a day, so the admin shows finished, failed and cancelled ones with their attempts
+CELERY_SCHEDULLER_KEEP_FINISHED = int(os.environ.get("SHOP_KEEP_FINISHED", "86400")) or None
 
 LOGGING = {
     "version": 1,

@@ -37,6 +37,25 @@ def send_reminder(order_id: int) -> str:
     return "sent"
 
 
+@shared_task(name="shop.tasks.notify_warehouse")
+def notify_warehouse(order_id: int) -> str:
+    """Tell the warehouse; its first answer is too slow (past dispatch_timeout) for every third order."""
+    import time
+
+    message = current_message()
+    tries = message.assigns.get("tries", 0) if message else 0
+    if order_id % 3 == 0 and tries == 0:
+        time.sleep(5)  # longer than OrderAlarms.dispatch_timeout: the alarm times out and is retried
+    Event.objects.create(order_id=order_id, kind="warehouse notified", detail=f"try {tries}", due_at=_due())
+    return "notified"
+
+
+@shared_task(name="shop.tasks.send_loyalty_mail")
+def send_loyalty_mail(customer: str) -> str:
+    """A mail far in the future: the demo schedules thousands of these to fill the admin."""
+    return f"mailed {customer}"
+
+
 @shared_task(name="shop.tasks.log_stats")
 def log_stats() -> dict:
     """An ordinary periodic task (beat_schedule), run by the same beat."""

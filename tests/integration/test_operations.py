@@ -15,7 +15,9 @@ from django.utils import timezone
 
 from celery_scheduller import Message, Response, checks, responses, signals, states, store
 from celery_scheduller.models import Alarm, AlarmAttempt, BeatRecord
+from tests.conftest import wait_for
 from tests.testapp.alarms import TestAlarms
+from tests.testapp.models import Answer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -155,6 +157,8 @@ def test_signals_follow_an_alarm(beat):
         alarms.dispatch(Message.new("testapp.record", id="sig-3"), "agg", in_ms=0)
         run = beat()
         run.tick_alarms(time.time())
+        # let the worker answer sig-3 before the test's tables are flushed under it
+        wait_for(lambda: Answer.objects.filter(message_id="sig-3").exists(), 10, "the worker to answer sig-3")
     finally:
         for name in names:
             getattr(signals, f"alarm_{name}").disconnect(handlers[name])

@@ -10,7 +10,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from shop.alarms import pay, place_order
+from shop.alarms import pay, place_order, seed_loyalty_alarms
 from shop.models import Event
 
 HERE = Path(__file__).resolve().parents[3]
@@ -20,15 +20,19 @@ class Command(BaseCommand):
     help = "Run the shop demo: worker and beat as subprocesses, orders expiring, reminders retried."
 
     def add_arguments(self, parser):
-        parser.add_argument("--seconds", type=float, default=45.0, help="how long to run (default 45)")
-        parser.add_argument("--orders", type=int, default=4, help="orders to place (default 4)")
+        parser.add_argument("--seconds", type=float, default=60.0, help="how long to run; 0: until Ctrl-C")
+        parser.add_argument("--orders", type=int, default=6, help="orders to place (default 6)")
+        parser.add_argument("--alarms", type=int, default=5_000, help="future alarms to fill the admin with")
+        parser.add_argument("--port", type=int, default=8000, help="admin port (default 8000; 0: no admin)")
 
-    def handle(self, *args, seconds, orders, **options):
+    def handle(self, *args, seconds, orders, alarms, port, **options):
         call_command("migrate", verbosity=0)
         user = get_user_model()
         if not user.objects.filter(username="demo").exists():
             user.objects.create_superuser("demo", "demo@example.com", "demo")
         self.stdout.write(f"database: {settings.DATABASES['default']['NAME']}  broker: {settings.CELERY_BROKER_URL}")
+        seeded = seed_loyalty_alarms(alarms)
+        self.stdout.write(f"{seeded} loyalty alarms added over the next 30 days (admin: {alarms} in all)")
         procs = [
             self._start(
                 "worker",
@@ -43,6 +47,20 @@ class Command(BaseCommand):
             ),
             self._start("beat", "beat", "-S", "celery_scheduller", "-l", "WARNING"),
         ]
+        if port:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+                    cwd=HERE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            self.stdout.write(
+                self.style.SUCCESS(
+                    f"admin: http://127.0.0.1:{port}/admin/celery_scheduller/alarm/  (user demo, password demo)"
+                )
+            )
         try:
             self._run(seconds, orders)
         finally:
@@ -63,14 +81,14 @@ class Command(BaseCommand):
         placed = []
         seen = Event.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
         next_order_at = started + 2
-        while time.monotonic() - started < seconds:
+        while not seconds or time.monotonic() - started < seconds:
             if len(placed) < orders and time.monotonic() >= next_order_at:
-                order = place_order(f"customer {len(placed) + 1}")
+                order = place_order(f"customer {len(placed) + 1}", warehouse=True)
                 placed.append(order)
                 self.stdout.write(
                     self.style.SUCCESS(
-                        f"+ placed order {order.pk}: reminder in 5 s, expiry in 20 s (alarms expire-{order.pk}, "
-                        f"remind-{order.pk})"
+                        f"+ placed order {order.pk}: warehouse in 1 s, reminder in 5 s, expiry in 20 s "
+                        f"(alarms warehouse-{order.pk}, remind-{order.pk}, expire-{order.pk})"
                     )
                 )
                 if len(placed) == 2:
@@ -86,4 +104,4 @@ class Command(BaseCommand):
                     late = f"  ({(event.at - event.due_at).total_seconds() * 1000:.0f} ms after its time)"
                 self.stdout.write(f"  order {event.order_id}: {event.kind} {event.detail}{late}")
             time.sleep(0.2)
-        self.stdout.write("demo finished; admin: python example_project/manage.py runserver, user demo / demo")
+        self.stdout.write("demo finished; see it again: python example_project/manage.py demo")
