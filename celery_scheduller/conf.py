@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     # How many ended alarms one prune statement removes; beat prunes every PRUNE_INTERVAL ms.
     "PRUNE_BATCH": 1_000,
     "PRUNE_INTERVAL": 60_000,
+    # Largest message (raw_request, assigns and ids as JSON, in bytes) that dispatch accepts.
+    "MAX_PAYLOAD": 256 * 1024,
     # How often (ms) a beat records its windows and counters for ``scheduller_status``.
     "BEAT_RECORD_INTERVAL": 10_000,
 }

@@ -13,7 +13,6 @@ A failing hook is logged with the alarm id and never raised into the worker.
 from __future__ import annotations
 
 import contextvars
-import datetime as dt
 import json
 import logging
 from typing import Any
@@ -97,9 +96,9 @@ def _on_failure(task_id: str, exception: BaseException | None = None, **_: Any) 
 
 
 def _answer(ref: AttemptRef, message: Message, response: Response) -> None:
-    from . import responses
+    from . import clock, responses
 
-    now = dt.datetime.now(dt.UTC)
+    now = clock.default.now_datetime()
     if now > ref.deadline:
         logger.info(
             "response for alarm %s attempt %s ignored: it came after the deadline",

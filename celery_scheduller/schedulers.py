@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from celery.beat import PersistentScheduler
@@ -33,22 +32,25 @@ class AlarmScheduler(PersistentScheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _ensure_django()
+        # Named apart from celery.beat.Scheduler's own attributes (``_heap`` among them).
+        from .clock import DatabaseClock
         from .engine import AlarmEngine
 
-        # Named apart from celery.beat.Scheduler's own attributes (``_heap`` among them).
         self.alarm_engine = AlarmEngine(kwargs.get("app") or args[0])
+        self.alarm_clock: DatabaseClock = kwargs.pop("alarm_clock", None) or DatabaseClock()
         self._alarm_pause_until = 0.0
         self._alarm_producer: Any = None
         super().__init__(*args, **kwargs)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         """Run due alarms, then one periodic entry; return the seconds to sleep."""
-        alarm_delay = self.tick_alarms(time.time())
+        alarm_delay = self.tick_alarms(self.alarm_clock.now())
         periodic_delay: float = super().tick(*args, **kwargs)
         return max(0.0, min(alarm_delay, periodic_delay))
 
     def tick_alarms(self, now: float) -> float:
-        """The alarm side of one tick at ``now``; errors are logged and paused on, never raised."""
+        """The alarm side of one tick at ``now`` (database time, epoch seconds); errors are logged and
+        paused on, never raised."""
         if now < self._alarm_pause_until:
             return self._alarm_pause_until - now
         from django.db import DatabaseError, close_old_connections, connection

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Final, final
 
 from . import registry
+from .conf import settings
 from .exceptions import InvalidAlarm
 from .message import Message
 
@@ -52,7 +54,9 @@ _DEFAULT_TIMEOUT_MS = 5_000
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+    from . import clock
+
+    return clock.default.now_datetime()
 
 
 class Scheduller:
@@ -222,7 +226,12 @@ class Scheduller:
         scheduled = message.assign("dispatch_at", dispatch_at)
         if dispatch_at < now:
             scheduled = scheduled.assign("late", True)
-        scheduled.to_json()  # raises InvalidAlarm naming the field that JSON cannot carry
+        size = len(json.dumps(scheduled.to_json()))  # raises InvalidAlarm naming a field JSON cannot carry
+        limit = settings.MAX_PAYLOAD
+        if size > limit:
+            raise InvalidAlarm(
+                f"message {message.id!r} is {size} bytes as JSON, more than CELERY_SCHEDULLER_MAX_PAYLOAD ({limit})"
+            )
         return scheduled
 
     def _new_alarm(self, message: Message, aggregate_id: str) -> Any:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.db import transaction
-from django.db.models import F, QuerySet
+from django.db.models import F, Q, QuerySet
 
 from . import states
 from .message import Message, Response, from_json_value, to_json_value
@@ -273,15 +273,16 @@ def lease_timeouts(
     with transaction.atomic():
         rows = list(
             Alarm.objects.select_for_update(skip_locked=True)
-            .filter(state=states.PUBLISHED, scheduller__in=schedullers, deadline__lte=now)
+            .filter(Q(deadline__lte=now) | Q(deadline__isnull=True), state=states.PUBLISHED, scheduller__in=schedullers)
             .order_by("deadline")
             .values(*ROW_FIELDS)[:limit]
         )
         if rows:
             pks = [row["pk"] for row in rows]
-            changed = Alarm.objects.filter(pk__in=pks, state=states.PUBLISHED, deadline__lte=now).update(
-                deadline=lease_until, updated_at=now
-            )
+            # a published row without a deadline (edited by hand) is treated as overdue: it is answered
+            changed = Alarm.objects.filter(
+                Q(deadline__lte=now) | Q(deadline__isnull=True), pk__in=pks, state=states.PUBLISHED
+            ).update(deadline=lease_until, updated_at=now)
             if changed != len(pks):
                 raise ClaimConflict(f"leased {changed} of {len(pks)} locked timeouts")
     return [(dataclasses.replace(AttemptRef.of_row(row), deadline=lease_until), message_from_row(row)) for row in rows]

@@ -28,19 +28,10 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, step: f
         time.sleep(step)
 
 
-@pytest.fixture(scope="session")
-def worker(
-    django_db_setup: None, django_db_blocker: object, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[None]:
-    """A real ``celery worker`` (prefork) on the test database and the Redis broker."""
-    from django.conf import settings
+def start_worker(log: Path, *argv: str) -> subprocess.Popen[bytes]:
+    """Start ``celery worker`` (prefork) on the test database and the Redis broker; wait until ready."""
     from django.db import connection
 
-    from tests.celery_app import app
-
-    with app.connection_for_write() as conn:
-        conn.default_channel.client.flushdb()  # leftovers of an earlier run would run against this one
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
@@ -59,37 +50,54 @@ def worker(
                 "worker",
                 "-P",
                 "prefork",
-                "-c",
-                "3",
                 "-l",
                 "INFO",
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
-                "-n",
-                f"csched-test-{os.getpid()}@%h",
+                *argv,
             ],
             cwd=ROOT,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    deadline = time.monotonic() + 60
+    while "ready." not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"celery worker did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a subprocess: TERM, then KILL after 20 s."""
+    proc.terminate()
     try:
-        deadline = time.monotonic() + 60
-        while "ready." not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"celery worker did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def worker(
+    django_db_setup: None, django_db_blocker: object, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """A real ``celery worker`` (prefork, 3 processes) on the default queue."""
+    from tests.celery_app import app
+
+    with app.connection_for_write() as conn:
+        conn.default_channel.client.flushdb()  # leftovers of an earlier run would run against this one
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    proc = start_worker(log, "-c", "3", "-Q", "celery", "-n", f"csched-test-{os.getpid()}@%h")
+    try:
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         if os.environ.get("CSCHED_SHOW_WORKER_LOG"):
             print(log.read_text()[-20000:])
-    _ = settings
 
 
 @pytest.fixture

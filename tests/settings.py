@@ -80,7 +80,14 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
-CELERY_SCHEDULLER_CLASSES = ["tests.testapp.alarms.TestAlarms", "tests.testapp.alarms.BrokenAlarms"]
+# tasks the default worker does not consume, for the stale-attempt test
+CELERY_TASK_ROUTES = {"testapp.stale": {"queue": "stale"}}
+
+CELERY_SCHEDULLER_CLASSES = [
+    "tests.testapp.alarms.TestAlarms",
+    "tests.testapp.alarms.BrokenAlarms",
+    "tests.testapp.alarms.FaultAlarms",
+]
 CELERY_SCHEDULLER_POLL_INTERVAL = 200
 CELERY_SCHEDULLER_ERROR_BACKOFF = 500
 # Ended alarms are kept as history (the admin and status tests read it); "0" runs the seed's default.

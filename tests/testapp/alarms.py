@@ -31,7 +31,12 @@ class TestAlarms(Scheduller):
                 message.service_name,
                 {**message.raw_request, "try": tries},
                 id=message.id,
-                assigns={**message.assigns, "retries_left": left - 1, "tries": tries},
+                assigns={
+                    **message.assigns,
+                    "retries_left": left - 1,
+                    "tries": tries,
+                    "timeout_ms": message.assigns.get("retry_timeout_ms", message.assigns.get("timeout_ms", 5_000)),
+                },
             )
             decision = Retry(message.assigns.get("retry_ms", 100), modified)
         Answer.objects.create(
@@ -82,3 +87,19 @@ class SameNameAlarms(Scheduller):
 
     def service_responded(self, message: Message) -> Any:
         return OK
+
+
+class FaultAlarms(Scheduller):
+    """The fault suite's Scheduller: retries every failed or unanswered attempt after 300 ms (without
+    the ``hang`` flag, so a hung first attempt is followed by one that finishes) until it succeeds."""
+
+    name = "faults"
+
+    def service_responded(self, message: Message) -> Any:
+        if message.response is not None and message.response.ok:
+            return OK
+        request = {k: v for k, v in message.raw_request.items() if k != "hang"}
+        return Retry(300, Message.new(message.service_name, request, id=message.id, assigns=message.assigns))
+
+    def dispatch_timeout(self, message: Message) -> int:
+        return 4_000

@@ -23,3 +23,12 @@ class Answer(models.Model):
     assigns = models.JSONField(default=dict)
     decision = models.CharField(max_length=50)
     at = models.DateTimeField(auto_now_add=True)
+
+
+class Published(models.Model):
+    """One publish of an alarm attempt, recorded by beats in the fault suite (alarm_published signal)."""
+
+    message_id = models.CharField(max_length=255)
+    attempt = models.PositiveIntegerField()
+    beat = models.CharField(max_length=100)
+    at = models.DateTimeField(auto_now_add=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -30,6 +31,29 @@ def record(**kwargs: Any) -> Any:
     """Record the run and return ``kwargs["result"]``."""
     _record("record", kwargs)
     return kwargs.get("result", "done")
+
+
+@shared_task(name="testapp.stale")
+def stale(**kwargs: Any) -> str:
+    """Like record, on the "stale" queue that only the stale-attempt test consumes."""
+    _record("stale", kwargs)
+    return "done"
+
+
+@shared_task(name="testapp.fault", bind=True, time_limit=2)
+def fault(self: Any, hang: bool = False, **kwargs: Any) -> str:
+    """The fault suite's task: records each run with its task id (message id # attempt); may hang
+    past its hard time limit."""
+    message = current_message()
+    Run.objects.create(
+        task="fault",
+        message_id=message.id if message else "",
+        kwargs={"task_id": self.request.id, "pid": os.getpid()},
+        started_at=timezone.now(),
+    )
+    if hang:
+        time.sleep(10)
+    return "done"
 
 
 @shared_task(name="testapp.fail")

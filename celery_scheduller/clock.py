@@ -1,0 +1,55 @@
+"""One clock: this host's clock corrected to the database server's, the reference for due times,
+claims and deadlines, so hosts whose clocks disagree still agree on when an alarm is due."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+
+#: Seconds between measurements of the offset to the database clock.
+RESYNC_SECONDS = 60.0
+
+
+class DatabaseClock:
+    """``now()`` = the local clock plus the offset to the database clock, measured every ``resync`` s.
+
+    SQLite runs in this process on this host: its offset is zero by definition.
+    """
+
+    def __init__(self, local: Callable[[], float] = time.time, resync: float = RESYNC_SECONDS) -> None:
+        self.local = local
+        self.resync = resync
+        self.offset = 0.0
+        self._next_sync = float("-inf")
+
+    def now(self) -> float:
+        """Database time as epoch seconds."""
+        reading = self.local()
+        if reading >= self._next_sync or reading < self._next_sync - 2 * self.resync:
+            self._sync()
+            self._next_sync = reading + self.resync
+        return reading + self.offset
+
+    def now_datetime(self) -> dt.datetime:
+        """Database time as an aware UTC datetime."""
+        return dt.datetime.fromtimestamp(self.now(), dt.UTC)
+
+    def _sync(self) -> None:
+        from django.db import connection
+
+        if connection.vendor == "sqlite":
+            self.offset = 0.0
+            return
+        before = self.local()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT CURRENT_TIMESTAMP")
+            (server,) = cursor.fetchone()
+        after = self.local()
+        if server.tzinfo is None:  # MySQL/MariaDB hand back the session's time zone, which Django sets to UTC
+            server = server.replace(tzinfo=dt.UTC)
+        self.offset = server.timestamp() - (before + after) / 2
+
+
+#: The clock of this process (web, beat or worker).
+default = DatabaseClock()

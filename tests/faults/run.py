@@ -1,0 +1,407 @@
+"""The fault suite: real beats and workers as subprocesses, faults injected while alarms come due.
+
+    python -m tests.faults.run                       # the long version: every fault, both brokers
+    python -m tests.faults.run --short               # what CI runs
+    python -m tests.faults.run --broker redis --fault kill-beats --alarms 20000 --spread 120
+
+Each scenario starts 3 beats (``celery beat -S celery_scheduller``) and 2 prefork workers against the
+PostgreSQL database ``csched_faults`` and the broker, dispatches ``--alarms`` alarms due evenly over
+``--spread`` seconds (1 % of them hang past their task's hard time limit on their first attempt), injects
+one fault while they come due, waits until every alarm has ended, and prints one row:
+
+- lost: alarms that never finished (must be 0);
+- double-published: attempts (message id, attempt) published more than once (must be 0);
+- same-attempt reruns: an attempt executed twice (allowed only for a task on a killed worker);
+- re-executions: alarms executed under more than one attempt (a hung, lost or timed-out attempt was retried);
+- worst lateness: first execution minus due time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DB_NAME = "csched_faults"
+BROKERS = {"redis": "redis://127.0.0.1:6379/12", "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//"}
+
+
+@dataclass
+class Cluster:
+    """The subprocesses of one scenario."""
+
+    broker: str
+    workdir: Path
+    beats: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "CSCHED_DB": "postgres",
+            "CSCHED_DB_NAME": DB_NAME,
+            "CSCHED_BROKER": BROKERS[self.broker],
+            "CSCHED_RECORD_PUBLISHES": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+
+    def _spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+        with open(self.workdir / f"{name}.log", "a") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tests.celery_app", *argv],
+                cwd=ROOT,
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def start_beat(self, i: int) -> subprocess.Popen[bytes]:
+        return self._spawn(
+            f"beat{i}", "beat", "-S", "celery_scheduller", "-l", "INFO", "-s", str(self.workdir / f"beat{i}-schedule")
+        )
+
+    def start_worker(self, i: int) -> subprocess.Popen[bytes]:
+        return self._spawn(
+            f"worker{i}",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "4",
+            "-l",
+            "INFO",
+            "-Q",
+            "celery",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-n",
+            f"fault{i}@%h",
+        )
+
+    def start(self) -> None:
+        self.beats = [self.start_beat(i) for i in range(3)]
+        self.workers = [self.start_worker(i) for i in range(2)]
+
+    def stop(self) -> None:
+        for proc in [*self.beats, *self.workers]:
+            proc.terminate()
+        for proc in [*self.beats, *self.workers]:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def kill_beat(self, i: int) -> None:
+        self.beats[i].send_signal(signal.SIGKILL)
+        self.beats[i].wait()
+        self.log.append(f"kill -9 beat{i}")
+        self.beats[i] = self.start_beat(i)
+
+    def kill_worker(self, i: int) -> None:
+        _kill_tree(self.workers[i].pid)
+        self.workers[i].wait()
+        self.log.append(f"kill -9 worker{i} and its pool")
+        self.workers[i] = self.start_worker(i)
+
+
+def _kill_tree(pid: int) -> None:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for child in children:
+        os.kill(int(child), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=120)
+
+
+def _wait_port(port: int, up: bool, timeout: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            is_up = sock.connect_ex(("127.0.0.1", port)) == 0
+        if is_up == up:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"port {port} did not go {'up' if up else 'down'}")
+
+
+def broker_outage(cluster: Cluster, seconds: float) -> None:
+    if cluster.broker == "redis":
+        subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True, timeout=30)
+        _wait_port(6379, up=False)
+        time.sleep(seconds)
+        _sh(
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        )
+        _wait_port(6379, up=True)
+    else:
+        _sh("rabbitmqctl", "stop_app")
+        time.sleep(seconds)
+        _sh("rabbitmqctl", "start_app")
+        _wait_port(5672, up=True)
+    cluster.log.append(f"{cluster.broker} stopped for {seconds:g} s and restarted")
+
+
+def database_restart(cluster: Cluster) -> None:
+    version = os.listdir("/etc/postgresql")[0]
+    _sh("pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart")
+    _wait_port(5432, up=True)
+    cluster.log.append("PostgreSQL restarted")
+
+
+def connection_loss(cluster: Cluster) -> None:
+    if cluster.broker == "redis":
+        _sh("redis-cli", "-p", "6379", "client", "kill", "type", "normal")
+    else:
+        _sh("rabbitmqctl", "close_all_connections", "fault suite")
+    cluster.log.append(f"every {cluster.broker} client connection closed")
+
+
+def _repeat(times: int, every: float, action: Callable[[int], None]) -> Callable[[Cluster, float], None]:
+    def run(cluster: Cluster, spread: float) -> None:
+        for n in range(times):
+            time.sleep(every)
+            action(n)
+
+    return run
+
+
+FAULTS: dict[str, Callable[[Cluster, float], None]] = {
+    "none": lambda cluster, spread: None,
+    "kill-beats": lambda cluster, spread: _repeat(
+        max(2, int(spread / 5)), 4.0, lambda n: cluster.kill_beat(random.randrange(3))
+    )(cluster, spread),
+    "kill-worker": lambda cluster, spread: None,
+    "broker-outage": lambda cluster, spread: None,
+    "database-restart": lambda cluster, spread: None,
+    "connection-loss": lambda cluster, spread: None,
+}
+OUTAGE = [30.0]
+
+
+def prepare_database() -> None:
+    import psycopg
+
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {DB_NAME}")
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "CSCHED_DB": "postgres",
+        "CSCHED_DB_NAME": DB_NAME,
+        "PYTHONPATH": str(ROOT),
+    }
+    subprocess.run([sys.executable, "-m", "django", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
+
+
+def purge_broker(broker: str) -> None:
+    from kombu import Connection
+
+    with Connection(BROKERS[broker]) as conn:
+        if broker == "redis":
+            conn.default_channel.client.flushdb()
+        else:
+            with contextlib.suppress(Exception):  # the queue does not exist yet
+                conn.default_channel.queue_purge("celery")
+
+
+def scenario(broker: str, fault: str, alarms: int, spread: float, drain: float) -> dict[str, object]:
+    """Run one scenario; returns its row."""
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "CSCHED_DB": "postgres",
+            "CSCHED_DB_NAME": DB_NAME,
+            "CSCHED_BROKER": BROKERS[broker],
+        }
+    )
+    prepare_database()
+    purge_broker(broker)
+    import django
+
+    django.setup()
+    from django.db import close_old_connections, connection
+    from django.utils import timezone
+
+    from celery_scheduller import Message
+    from celery_scheduller.models import Alarm
+    from tests.testapp.alarms import FaultAlarms
+
+    connection.close()
+    workdir = Path(tempfile.mkdtemp(prefix=f"faults-{broker}-{fault}-"))
+    cluster = Cluster(broker, workdir)
+    cluster.start()
+    time.sleep(4)  # let beats and workers connect
+    start = timezone.now() + dt_seconds(3)
+    step = spread / alarms
+    batch = [
+        (
+            Message.new("testapp.fault", {"hang": i % 100 == 0} if i % 100 == 0 else {}, id=f"f{i}"),
+            f"agg-{i % 500}",
+            start + dt_seconds(i * step),
+        )
+        for i in range(alarms)
+    ]
+    FaultAlarms().dispatch_many(batch)
+    connection.close()
+    injector = threading.Thread(target=FAULTS[fault], args=(cluster, spread), daemon=True)
+    time.sleep(3)
+    injector.start()
+    deadline = time.monotonic() + spread + drain
+    remaining = alarms
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            try:
+                close_old_connections()
+                remaining = Alarm.objects.filter(scheduller="faults").exclude(state="finished").count()
+            except Exception:  # the database may be restarting
+                connection.close()
+                continue
+            if remaining == 0 and not injector.is_alive():
+                break
+        injector.join(timeout=60)
+        time.sleep(2)  # a late duplicate would show now
+    finally:
+        cluster.stop()
+    connection.close()
+    return report(broker, fault, alarms, spread, cluster, start, step)
+
+
+def dt_seconds(seconds: float):  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    return dt.timedelta(seconds=seconds)
+
+
+def report(broker, fault, alarms, spread, cluster, start, step):  # type: ignore[no-untyped-def]
+    """The scenario's row, read from the alarm table and what beats and workers recorded."""
+    from collections import Counter
+
+    from celery_scheduller.models import Alarm
+    from tests.testapp.models import Published, Run
+
+    lost = Alarm.objects.filter(scheduller="faults").exclude(state="finished").count()
+    published = Counter(Published.objects.values_list("message_id", "attempt"))
+    double_published = sum(1 for n in published.values() if n > 1)
+    runs = list(Run.objects.filter(task="fault").values_list("message_id", "kwargs", "started_at"))
+    per_attempt = Counter((m, k["task_id"]) for m, k, _ in runs)
+    same_attempt = sum(1 for n in per_attempt.values() if n > 1)
+    attempts_run = Counter(m for (m, _task_id) in per_attempt)
+    re_executed = sum(1 for n in attempts_run.values() if n > 1)
+    first: dict[str, object] = {}
+    for message_id, _kwargs, started in sorted(runs, key=lambda r: r[2]):
+        first.setdefault(message_id, started)
+    worst = max(
+        ((started - (start + dt_seconds(int(m[1:]) * step))).total_seconds() for m, started in first.items()),
+        default=0.0,
+    )
+    return {
+        "broker": broker,
+        "fault": fault,
+        "alarms": alarms,
+        "spread_s": spread,
+        "lost": lost,
+        "double_published": double_published,
+        "same_attempt_reruns": same_attempt,
+        "re_executions": re_executed,
+        "executed": len(attempts_run),
+        "worst_lateness_s": round(worst, 2),
+        "events": "; ".join(cluster.log),
+        "logs": str(cluster.workdir),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short", action="store_true", help="the CI version: fewer alarms, shorter outage")
+    parser.add_argument("--broker", choices=sorted(BROKERS), action="append")
+    parser.add_argument("--fault", choices=sorted(FAULTS), action="append")
+    parser.add_argument("--alarms", type=int)
+    parser.add_argument("--spread", type=float)
+    args = parser.parse_args()
+    brokers = args.broker or sorted(BROKERS)
+    faults = args.fault or [f for f in FAULTS if f != "none"]
+    alarms = args.alarms or (1_500 if args.short else 20_000)
+    spread = args.spread or (15.0 if args.short else 90.0)
+    OUTAGE[0] = 5.0 if args.short else 30.0
+    rows = []
+    for broker in brokers:
+        for fault in faults:
+            row = run_isolated(broker, fault, alarms, spread)
+            rows.append(row)
+            print_row(row, header=len(rows) == 1)
+    bad = [r for r in rows if r["lost"] or r["double_published"]]
+    return 1 if bad else 0
+
+
+def run_isolated(broker: str, fault: str, alarms: int, spread: float) -> dict[str, object]:
+    """Each scenario in its own Python process, so Django and Celery start clean."""
+    import json
+
+    code = (
+        "import json, sys; from tests.faults.run import scenario, OUTAGE; "
+        f"OUTAGE[0] = {OUTAGE[0]}; "
+        f"print('ROW ' + json.dumps(scenario({broker!r}, {fault!r}, {alarms}, {spread}, drain=90.0), default=str))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=spread + 400,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("ROW "):
+            return json.loads(line[4:])
+    raise RuntimeError(f"scenario {broker}/{fault} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+
+
+def print_row(row: dict[str, object], header: bool) -> None:
+    if header:
+        print(
+            "| broker | fault | alarms / spread | lost | double-published | same-attempt reruns | re-executions "
+            "| worst lateness | what happened |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {row['broker']} | {row['fault']} | {row['alarms']} / {row['spread_s']} s | {row['lost']} | "
+        f"{row['double_published']} | {row['same_attempt_reruns']} | {row['re_executions']} | "
+        f"{row['worst_lateness_s']} s | {row['events']} |",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
