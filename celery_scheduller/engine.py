@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,14 +35,25 @@ def to_datetime(moment: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(moment, dt.UTC)
 
 
+def _half_spent(ref: store.AttemptRef, timeout_ms: int) -> float:
+    """When half of an attempt's response time is gone (epoch seconds)."""
+    return ref.deadline.timestamp() - timeout_ms / 2000
+
+
 class AlarmEngine:
     """The alarm side of one beat process: the loaded windows and the heap of due times."""
 
     def __init__(
-        self, app: Celery, names: Callable[[], Sequence[str]] = registry.names, name: str | None = None
+        self,
+        app: Celery,
+        names: Callable[[], Sequence[str]] = registry.names,
+        name: str | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.app = app
         self._names = names
+        # read while publishing a batch, to stop before the rest of it would go out half expired
+        self._clock = clock or time.time
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.heap = DueHeap()
         self.windows: dict[str, Window] = {}
@@ -140,8 +152,20 @@ class AlarmEngine:
         rows = store.claim_due(names, now, limit)
         late_before = now - dt.timedelta(milliseconds=settings.LATE_AFTER)
         known = self._known_tasks()
+        sent = 0
         for index, row in enumerate(rows):
             ref = store.AttemptRef.of_row(row)
+            if self._clock() >= _half_spent(ref, row["timeout_ms"]):
+                # Publishing fell behind: what is left would reach workers close to (or past) its deadline
+                # and expire unrun. Give it back; the next claim gives it a fresh deadline.
+                store.release([store.AttemptRef.of_row(r) for r in rows[index:]], now)
+                logger.warning(
+                    "publishing fell behind: released %s claimed alarms",
+                    len(rows) - index,
+                    extra={"action": "released", "count": len(rows) - index},
+                )
+                self.published += sent
+                return True
             message = store.message_from_row(row)
             if row["dispatch_at"] < late_before:
                 message = message.assign("late", True)
@@ -154,6 +178,7 @@ class AlarmEngine:
                 unsent = [store.AttemptRef.of_row(r) for r in rows[index:]]
                 store.release(unsent, now)
                 raise PublishFailed(f"publishing alarm {message.id} failed; released {len(unsent)} claims") from exc
+            sent += 1
             signals.send(signals.alarm_published, ref.scheduller, message=message, attempt=ref.attempt)
             logger.debug(
                 "published alarm %s attempt %s",
@@ -161,7 +186,7 @@ class AlarmEngine:
                 ref.attempt,
                 extra={"alarm_id": message.id, "attempt": ref.attempt, "action": "published"},
             )
-        self.published += len(rows)  # published or failed: each claimed attempt was handled once
+        self.published += sent
         if rows:
             logger.info("published %s alarms", len(rows), extra={"action": "published", "count": len(rows)})
         return len(rows) == limit

@@ -36,8 +36,8 @@ class AlarmScheduler(PersistentScheduler):
         from .clock import DatabaseClock
         from .engine import AlarmEngine
 
-        self.alarm_engine = AlarmEngine(kwargs.get("app") or args[0])
         self.alarm_clock: DatabaseClock = kwargs.pop("alarm_clock", None) or DatabaseClock()
+        self.alarm_engine = AlarmEngine(kwargs.get("app") or args[0], clock=self.alarm_clock.now)
         self._alarm_pause_until = 0.0
         self._alarm_producer: Any = None
         super().__init__(*args, **kwargs)

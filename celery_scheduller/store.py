@@ -198,13 +198,7 @@ def finish(ref: AttemptRef, response: Response, now: dt.datetime, keep_history: 
         if deleted and ref.attempt > 1:
             AlarmAttempt.objects.filter(message_id=ref.message_id).delete()
         return deleted > 0
-    with transaction.atomic():
-        changed = _published(ref).update(
-            state=states.FINISHED, deadline=None, finished_at=now, last_response=response.to_json(), updated_at=now
-        )
-        if changed:
-            _record_attempt(ref, response, now, "ok")
-    return changed > 0
+    return _end(ref, states.FINISHED, response, now, "ok")
 
 
 def fail(ref: AttemptRef, reason: str, now: dt.datetime) -> bool:
@@ -212,13 +206,17 @@ def fail(ref: AttemptRef, reason: str, now: dt.datetime) -> bool:
 
     Kept whatever KEEP_FINISHED says, so an operator sees it; pruned with the rest of the history.
     """
-    response = Response("error", error=reason)
+    return _end(ref, states.FAILED, Response("error", error=reason), now, "failed")
+
+
+def _end(ref: AttemptRef, state: str, response: Response, now: dt.datetime, decision: str) -> bool:
+    """Keep the alarm as history in the ended ``state``, recording its last attempt."""
     with transaction.atomic():
         changed = _published(ref).update(
-            state=states.FAILED, deadline=None, finished_at=now, last_response=response.to_json(), updated_at=now
+            state=state, deadline=None, finished_at=now, last_response=response.to_json(), updated_at=now
         )
         if changed:
-            _record_attempt(ref, response, now, "failed")
+            _record_attempt(ref, response, now, decision)
     return changed > 0
 
 

@@ -34,9 +34,21 @@ def fill(count: int, scheduller: str = "tests") -> None:
                    0, 5000, datetime('now'), datetime('now')
             FROM seq
         """
+    elif connection.vendor == "mysql":
+        sql = f"""
+            INSERT INTO {table} ({_COLUMNS})
+            SELECT CONCAT('bulk-', seq), %s, 'testapp.record', '{{}}', '{{}}', CONCAT('corr-', seq),
+                   CONCAT('bulk-', seq),
+                   CONCAT('order-', seq %% 50000), UTC_TIMESTAMP(6) + INTERVAL (seq * 2600) MILLISECOND,
+                   CASE WHEN seq %% 50 = 0 THEN 'failed' WHEN seq %% 10 = 0 THEN 'finished' ELSE 'pending' END,
+                   0, 5000, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6)
+            FROM seq_1_to_{int(count)}
+        """
     else:
         raise NotImplementedError(connection.vendor)
-    params = [scheduller, count] if connection.vendor == "postgresql" else [count, scheduller]
+    params = {"postgresql": [scheduller, count], "sqlite": [count, scheduller], "mysql": [scheduller]}[
+        connection.vendor
+    ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         if connection.vendor == "postgresql":

@@ -1,4 +1,8 @@
-"""Django settings of the test suite. ``CSCHED_DB`` picks the database: postgres (default) or sqlite."""
+"""Django settings of the test suite.
+
+``CSCHED_DB`` picks the database: postgres (default), sqlite or mariadb; ``CSCHED_BROKER`` the broker URL
+(Redis by default, ``amqp://guest:guest@127.0.0.1:5672//`` for RabbitMQ).
+"""
 
 from __future__ import annotations
 
@@ -69,8 +73,20 @@ elif DB == "postgres":
             "TEST": {"NAME": os.environ.get("CSCHED_DB_NAME", "test_csched")},
         }
     }
+elif DB == "mariadb":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.mysql",
+            "NAME": os.environ.get("CSCHED_DB_NAME", "csched"),
+            "USER": os.environ.get("MYSQL_USER", "root"),
+            "HOST": os.environ.get("MYSQL_HOST", "127.0.0.1"),
+            "PORT": os.environ.get("MYSQL_PORT", "3306"),
+            "OPTIONS": {"charset": "utf8mb4"},
+            "TEST": {"NAME": os.environ.get("CSCHED_DB_NAME", "test_csched"), "CHARSET": "utf8mb4"},
+        }
+    }
 else:
-    raise RuntimeError(f"CSCHED_DB must be postgres or sqlite, not {DB!r}")
+    raise RuntimeError(f"CSCHED_DB must be postgres, sqlite or mariadb, not {DB!r}")
 
 CELERY_BROKER_URL = os.environ.get("CSCHED_BROKER", "redis://127.0.0.1:6379/14")
 CELERY_TASK_SERIALIZER = "json"

@@ -15,6 +15,8 @@ import psycopg
 import pytest
 import redis
 
+from tests.conftest import stop
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "example_project"
 DB_NAME = "csched_acceptance"
@@ -101,12 +103,7 @@ def test_orders_expire_and_reminders_retry_across_a_beat_crash(shop_env, tmp_pat
         seen = events(shop_env)
     finally:
         for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
 
     by_kind: dict[str, list[tuple[int, float]]] = {}
     for order_id, kind, _detail, lateness in seen:

@@ -1,6 +1,6 @@
 """The fault suite: real beats and workers as subprocesses, faults injected while alarms come due.
 
-    python -m tests.faults.run                       # the long version: every fault, both brokers
+    python -m tests.faults.run                       # the long version: every fault, both brokers, 20k alarms
     python -m tests.faults.run --short               # what CI runs
     python -m tests.faults.run --broker redis --fault kill-beats --alarms 20000 --spread 120
 
@@ -364,8 +364,8 @@ def main() -> int:
     args = parser.parse_args()
     brokers = args.broker or sorted(BROKERS)
     faults = args.fault or list(FAULTS)
-    alarms = args.alarms or (1_500 if args.short else 20_000)
-    spread = args.spread or (15.0 if args.short else 90.0)
+    alarms = args.alarms or (1_000 if args.short else 20_000)
+    spread = args.spread or (10.0 if args.short else 60.0)
     OUTAGE[0] = 5.0 if args.short else 30.0
     rows = []
     for broker in brokers:

@@ -187,18 +187,39 @@ def test_attempt_of_a_dead_beat_times_out_through_another_beat(beat):
 def test_beat_survives_losing_its_database_connection(beat, caplog):
     scheduler = beat()
     scheduler.tick_alarms(time.time())
+    own_id, kill = (
+        ("select pg_backend_pid()", "select pg_terminate_backend(%s)")
+        if connection.vendor == "postgresql"
+        else ("select connection_id()", "kill %s")
+    )
     with connection.cursor() as cursor:  # in this thread beat uses the same connection as the test
-        cursor.execute("select pg_backend_pid()")
+        cursor.execute(own_id)
         pid = cursor.fetchone()[0]
     TestAlarms().dispatch(Message.new("testapp.record", id="after-db-error"), "agg", in_ms=0)
     from django.db import connections
 
     other = connections.create_connection("default")
     with other.cursor() as cursor:
-        cursor.execute("select pg_terminate_backend(%s)", [pid])
+        cursor.execute(kill, [pid])
     other.close()
     delay = scheduler.tick_alarms(time.time() + 1.0)  # past the poll interval: beat queries now
     assert delay > 0 and "database error in beat" in caplog.text
     run_beat(
         scheduler, lambda: Run.objects.filter(message_id="after-db-error").exists(), 10, "delivery after reconnect"
     )
+
+
+def test_a_batch_that_publishes_too_slowly_gives_back_what_would_go_out_half_expired(beat):
+    alarms = TestAlarms()
+    for i in range(3):
+        alarms.dispatch(Message.new("testapp.record", id=f"slow-batch-{i}", assigns={"timeout_ms": 1000}), "a", in_ms=0)
+    readings = iter([0.0, 0.6, 0.6, 0.6])  # after the first publish, 600 ms of a 1000 ms timeout are gone
+    started = time.time()
+    engine = AlarmEngine(beat().app, clock=lambda: started + next(readings, 0.6))
+    engine.tick(started, None)
+    rows = dict(Alarm.objects.filter(message_id__startswith="slow-batch-").values_list("message_id", "state"))
+    assert sorted(rows.values()) == ["pending", "pending", "published"]
+    assert engine.published == 1
+    run_beat(beat(), lambda: Answer.objects.filter(message_id__startswith="slow-batch-").count() == 3, 10, "all")
+    time.sleep(0.3)
+    assert Run.objects.filter(message_id__startswith="slow-batch-").count() == 3
