@@ -43,10 +43,11 @@ class DatabaseClock:
             return
         before = self.local()
         with connection.cursor() as cursor:
-            cursor.execute("SELECT CURRENT_TIMESTAMP")
+            # MySQL/MariaDB's CURRENT_TIMESTAMP has whole seconds only: ask for microseconds, in UTC
+            cursor.execute("SELECT UTC_TIMESTAMP(6)" if connection.vendor == "mysql" else "SELECT CURRENT_TIMESTAMP")
             (server,) = cursor.fetchone()
         after = self.local()
-        if server.tzinfo is None:  # MySQL/MariaDB hand back the session's time zone, which Django sets to UTC
+        if server.tzinfo is None:  # UTC_TIMESTAMP is naive
             server = server.replace(tzinfo=dt.UTC)
         self.offset = server.timestamp() - (before + after) / 2
 

@@ -39,7 +39,7 @@ def fill(count: int, scheduller: str = "tests") -> None:
             INSERT INTO {table} ({_COLUMNS})
             SELECT CONCAT('bulk-', seq), %s, 'testapp.record', '{{}}', '{{}}', CONCAT('corr-', seq),
                    CONCAT('bulk-', seq),
-                   CONCAT('order-', seq %% 50000), UTC_TIMESTAMP(6) + INTERVAL (seq * 2600) MILLISECOND,
+                   CONCAT('order-', seq %% 50000), UTC_TIMESTAMP(6) + INTERVAL (seq * 2600000) MICROSECOND,
                    CASE WHEN seq %% 50 = 0 THEN 'failed' WHEN seq %% 10 = 0 THEN 'finished' ELSE 'pending' END,
                    0, 5000, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6)
             FROM seq_1_to_{int(count)}

@@ -218,7 +218,7 @@ def test_a_batch_that_publishes_too_slowly_gives_back_what_would_go_out_half_exp
     engine = AlarmEngine(beat().app, clock=lambda: started + next(readings, 0.6))
     engine.tick(started, None)
     rows = dict(Alarm.objects.filter(message_id__startswith="slow-batch-").values_list("message_id", "state"))
-    assert sorted(rows.values()) == ["pending", "pending", "published"]
+    assert sorted(rows.values()).count("pending") == 2  # the third went out (and a worker may have finished it)
     assert engine.published == 1
     run_beat(beat(), lambda: Answer.objects.filter(message_id__startswith="slow-batch-").count() == 3, 10, "all")
     time.sleep(0.3)

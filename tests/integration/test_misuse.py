@@ -39,8 +39,9 @@ def test_far_future_alarm_waits_and_far_past_alarm_goes_out_at_once_flagged_late
     scheduler.tick_alarms(time.time())
     assert "year-9999" not in scheduler.alarm_engine.heap
     assert Alarm.objects.get(message_id="year-9999").state == states.PENDING
-    assert Alarm.objects.get(message_id="year-1971").state == states.PUBLISHED
-    assert Alarm.objects.get(message_id="year-1971").assigns["late"] is True
+    published = Alarm.objects.get(message_id="year-1971")
+    assert published.attempt == 1 and published.state in (states.PUBLISHED, states.FINISHED)  # a worker may be quick
+    assert published.assigns["late"] is True
 
 
 def test_oversize_message_is_refused_at_dispatch():
@@ -92,8 +93,9 @@ def test_a_beat_whose_clock_runs_an_hour_fast_still_follows_the_database_clock(b
     for _ in range(3):
         scheduler.tick_alarms(fast.now())
     assert 3590 < -fast.offset < 3610
-    assert Alarm.objects.get(message_id="due-now").state == states.PUBLISHED
-    assert Alarm.objects.get(message_id="in-a-minute").state == states.PENDING
+    assert Alarm.objects.get(message_id="due-now").attempt == 1  # published (a worker may have finished it)
+    in_a_minute = Alarm.objects.get(message_id="in-a-minute")
+    assert in_a_minute.state == states.PENDING and in_a_minute.attempt == 0
 
 
 @pytest.mark.usefixtures("worker")
@@ -126,4 +128,6 @@ def test_a_timed_out_attempt_redelivered_late_does_not_run_next_to_its_retry(bea
         stop(late_worker)
     runs = list(Run.objects.filter(message_id="stale-1"))
     assert len(runs) == 1 and run.attempt_assigns["tries"] == 1  # attempt 2's message
-    assert "Discarding revoked task: testapp.stale[stale-1#1]" in (tmp_path / "stale.log").read_text()  # expired
+    log = (tmp_path / "stale.log").read_text()
+    # Redis hands the expired attempt to the worker, which discards it; RabbitMQ drops it itself (message TTL)
+    assert "stale-1#1] received" not in log or "Discarding revoked task: testapp.stale[stale-1#1]" in log
