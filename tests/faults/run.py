@@ -359,6 +359,7 @@ def report(broker, fault, alarms, spread, cluster, start, step):  # type: ignore
         "alarms": alarms,
         "spread_s": spread,
         "lost": lost,
+        "unfinished": unfinished,
         "double_published": double_published,
         "same_attempt_reruns": same_attempt,
         "re_executions": re_executed,
