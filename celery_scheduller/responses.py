@@ -51,7 +51,7 @@ def respond(ref: store.AttemptRef, message: Message, response: Response, now: dt
 
     due = now + dt.timedelta(milliseconds=decision.in_ms)
     again = (decision.message or message).with_response(None).assign("dispatch_at", due)
-    timeout = scheduller._timeout_of(again)
+    timeout = _timeout_or_default(ref, again)
     applied = store.retry(ref, again, due, timeout, response, now, f"retry in {decision.in_ms} ms")
     if applied:
         _after_retry(ref, answered, again, due)
@@ -64,6 +64,7 @@ def _after_retry(ref: store.AttemptRef, answered: Message, again: Message, due: 
 
 
 def _timeout_or_default(ref: store.AttemptRef, message: Message) -> int:
+    # a dispatch_timeout that raises or returns garbage must not leave the attempt unanswerable
     try:
         return registry.get(ref.scheduller)._timeout_of(message)
     except Exception:

@@ -292,3 +292,13 @@ def test_reschedule_action_asks_for_a_time_then_moves_the_alarms(admin_client):
         {"action": "reschedule", "_selected_action": [pk], "index": 0, "apply": "1"},
     )
     assert b"Give either a time or a delay." in bad.content
+
+
+def test_a_dispatch_timeout_that_fails_on_retry_does_not_strand_the_attempt(monkeypatch):
+    alarms = TestAlarms()
+    alarms.dispatch(Message.new("testapp.record", id="odd-timeout", assigns={"retries_left": 1}), "a", at=NOW, now=NOW)
+    ref, message = claimed("odd-timeout")
+    monkeypatch.setattr(TestAlarms, "dispatch_timeout", lambda self, message: 1 / 0)
+    assert responses.respond(ref, message, Response("error", error="E"), NOW) == "retried"
+    row = Alarm.objects.get(message_id="odd-timeout")
+    assert (row.state, row.timeout_ms) == (states.PENDING, 5_000)
