@@ -21,7 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "ERROR_BACKOFF": 10_000,
     # While a beat handles a timed-out attempt it holds it this long (ms); if that beat dies meanwhile,
     # another one takes the attempt over after it.
-    "TIMEOUT_LEASE": 60_000,
+    "TIMEOUT_LEASE": 15_000,
     # An alarm published more than this (ms) after its time carries ``assigns["late"] = True``.
     "LATE_AFTER": 1_000,
     # Ended alarms (finished, failed, cancelled): None removes them at once (the seed's behaviour);
