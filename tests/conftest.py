@@ -149,3 +149,20 @@ def run_beat(scheduler: object, until: Callable[[], object], timeout: float, wha
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(min(max(delay, 0.005), 0.05))
+
+
+@pytest.fixture(autouse=True)
+def _worker_idle_at_teardown(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used the worker, wait until it runs nothing: a task's response written while
+    the test's tables are being flushed deadlocks the flush."""
+    yield
+    if "worker" not in request.fixturenames:
+        return
+    from tests.celery_app import app
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        replies = app.control.inspect(timeout=0.5).active() or {}
+        if not any(replies.values()):
+            return
+        time.sleep(0.1)
