@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from celery import Celery
@@ -21,7 +22,7 @@ from .conf import settings
 from .hooks import header_of, task_id_of
 from .message import Message, Response
 from .planning import DueHeap, Window, next_wakeup
-from .scheduller import known_tasks
+from .scheduller import Scheduller, known_tasks
 
 logger = logging.getLogger("celery_scheduller")
 
@@ -38,6 +39,85 @@ def to_datetime(moment: float) -> dt.datetime:
 def _half_spent(ref: store.AttemptRef, timeout_ms: int) -> float:
     """When half of an attempt's response time is gone (epoch seconds)."""
     return ref.deadline.timestamp() - timeout_ms / 2000
+
+
+def _short_repr(value: object, limit: int = 1024) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _batch(producer: Any, size: int) -> Any:
+    """``producer.batch()`` (kombu 5.7+: one Redis pipeline for the batch), else publish one by one."""
+    batch = getattr(producer, "batch", None)
+    return batch(max_size=max(1, size)) if batch is not None else contextlib.nullcontext()
+
+
+class _TaskSender:
+    """``app.send_task`` for beat's loop: the same message, routing, task options and publish
+    signals, with the configuration read once instead of on every call (several times per alarm,
+    each a walk through Django's settings when the app reads its config from them)."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._options: dict[str, dict[str, Any]] = {}
+        self._sent_event: bool | None = None
+        self._declared_on: Any = None
+        self._declared: set[object] = set()
+
+    def send(
+        self,
+        producer: Any,
+        name: str,
+        kwargs: dict[str, Any],
+        task_id: str,
+        headers: dict[str, str],
+        expires: dt.datetime,
+    ) -> None:
+        amqp = self.app.amqp
+        if self._sent_event is None:
+            self._sent_event = bool(self.app.conf.task_send_sent_event)
+        options = dict(self._task_options(name), headers=headers)
+        time_limit = options.pop("time_limit", None)
+        soft_time_limit = options.pop("soft_time_limit", None)
+        ignore_result = options.pop("ignore_result", None)
+        options.pop("expires", None)
+        options = amqp.router.route(options, name, (), kwargs, self.app.tasks.get(name))
+        options["expiration"] = max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds())
+        message = amqp.create_task_message(
+            task_id,
+            name,
+            (),
+            kwargs,
+            expires=expires,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            create_sent_event=self._sent_event,
+            ignore_result=ignore_result,
+            # Celery's default is a size-limited repr of the arguments: costly at thousands per second
+            argsrepr="()",
+            kwargsrepr=_short_repr(kwargs),
+            **options,
+        )
+        # Declaring the queue once per connection is enough; kombu would re-bind it on every publish.
+        if producer is not self._declared_on:  # a new connection: declare again
+            self._declared_on, self._declared = producer, set()
+        queue = options.get("queue")
+        queue_name = getattr(queue, "name", queue)
+        if queue_name in self._declared:
+            options["declare"] = []
+        with producer.connection._reraise_as_library_errors():
+            amqp.send_task_message(producer, name, message, retry=False, **options)
+        self._declared.add(queue_name)
+
+    def _task_options(self, name: str) -> dict[str, Any]:
+        """The registered task's own options (queue, priority, time limits…), as send_task applies them."""
+        found = self._options.get(name)
+        if found is None:
+            task = self.app.tasks.get(name)
+            getter = getattr(task, "_get_exec_options", None)
+            found = {k: v for k, v in (getter() if callable(getter) else {}).items() if v is not None}
+            self._options[name] = found
+        return found
 
 
 class AlarmEngine:
@@ -63,6 +143,8 @@ class AlarmEngine:
         self.started_at: float | None = None
         self.published = 0
         self.timeouts = 0
+        self._sender = _TaskSender(app)
+        self._backlog = False
 
     def tick(self, now: float, producer: Any) -> float:
         """One pass at ``now`` (epoch seconds); returns the seconds until the next pass is needed."""
@@ -73,8 +155,9 @@ class AlarmEngine:
             self._load_window(name, now)
         polling = now >= self.next_poll_at
         more = False
-        if self.heap.pop_due(now) or polling:
-            more = self._publish_due(names, to_datetime(now), producer)
+        # a full batch last time means more is due now: claim again without waiting for the poll
+        if self.heap.pop_due(now) or polling or self._backlog:
+            more = self._backlog = self._publish_due(names, to_datetime(now), producer)
         if polling:
             more = self._answer_timeouts(names, to_datetime(now)) or more
             self.next_poll_at = now + settings.positive_ms("POLL_INTERVAL") / 1000
@@ -128,20 +211,24 @@ class AlarmEngine:
         if not window.load_due(now):
             return
         load_from, load_until = window.next_load(now)
-        messages = scheduller.load_alarms(
-            None if load_from is None else to_datetime(load_from), to_datetime(load_until)
-        )
+        started = time.perf_counter()
+        start, until = None if load_from is None else to_datetime(load_from), to_datetime(load_until)
+        if type(scheduller).load_alarms is Scheduller.load_alarms:
+            # the default loader: the heap needs ids and due times only, not whole Messages
+            due_times: Iterable[tuple[str, dt.datetime | None]] = store.due_times_between(name, start, until)
+        else:
+            due_times = ((message.id, message.dispatch_at) for message in scheduller.load_alarms(start, until))
         held = 0
-        for message in messages:
-            due = message.dispatch_at
-            if due is not None and self.heap.push(message.id, due.timestamp()):
+        for message_id, due in due_times:
+            if due is not None and self.heap.push(message_id, due.timestamp()):
                 held += 1
         window.loaded(load_until, now)
         logger.info(
-            "loaded %s alarms of %s due until %s (%s held)",
+            "loaded %s alarms of %s due until %s in %.3f s (%s held)",
             held,
             name,
             to_datetime(load_until).isoformat(),
+            time.perf_counter() - started,
             len(self.heap),
             extra={"action": "loaded", "scheduller": name},
         )
@@ -150,50 +237,66 @@ class AlarmEngine:
         """Claim one batch of due alarms and publish it; True when the batch was full."""
         limit = settings.positive_ms("BATCH_SIZE")
         rows = store.claim_due(names, now, limit)
+        if not rows:
+            return False
         late_before = now - dt.timedelta(milliseconds=settings.LATE_AFTER)
-        known = self._known_tasks()
-        sent = 0
-        for index, row in enumerate(rows):
+        known = known_tasks(self.app)
+        outgoing: list[tuple[store.AttemptRef, Message, int]] = []
+        for row in rows:
             ref = store.AttemptRef.of_row(row)
-            if self._clock() >= _half_spent(ref, row["timeout_ms"]):
-                # Publishing fell behind: what is left would reach workers close to (or past) its deadline
-                # and expire unrun. Give it back; the next claim gives it a fresh deadline.
-                store.release([store.AttemptRef.of_row(r) for r in rows[index:]], now)
-                logger.warning(
-                    "publishing fell behind: released %s claimed alarms",
-                    len(rows) - index,
-                    extra={"action": "released", "count": len(rows) - index},
-                )
-                self.published += sent
-                return True
             message = store.message_from_row(row)
             if row["dispatch_at"] < late_before:
                 message = message.assign("late", True)
             if known is not None and message.service_name not in known:
                 self._fail(ref, message, f"UnknownTask: no Celery task named {message.service_name!r}", now)
-                continue
-            try:
-                self._send(ref, message, producer)
-            except Exception as exc:
-                unsent = [store.AttemptRef.of_row(r) for r in rows[index:]]
-                store.release(unsent, now)
-                raise PublishFailed(f"publishing alarm {message.id} failed; released {len(unsent)} claims") from exc
-            sent += 1
+            else:
+                outgoing.append((ref, message, row["timeout_ms"]))
+        sent = self._publish(outgoing, now, producer)
+        self.published += len(sent)
+        for ref, message in sent:
             signals.send(signals.alarm_published, ref.scheduller, message=message, attempt=ref.attempt)
-            logger.debug(
-                "published alarm %s attempt %s",
-                message.id,
-                ref.attempt,
-                extra={"alarm_id": message.id, "attempt": ref.attempt, "action": "published"},
-            )
-        self.published += sent
-        if rows:
-            logger.info("published %s alarms", len(rows), extra={"action": "published", "count": len(rows)})
+        if logger.isEnabledFor(logging.DEBUG):
+            for ref, message in sent:
+                logger.debug(
+                    "published alarm %s attempt %s",
+                    message.id,
+                    ref.attempt,
+                    extra={"alarm_id": message.id, "attempt": ref.attempt, "action": "published"},
+                )
+        logger.info("published %s alarms", len(sent), extra={"action": "published", "count": len(sent)})
         return len(rows) == limit
 
-    def _known_tasks(self) -> set[str] | None:
-        """The app's registered task names, or None when the app has no tasks of its own."""
-        return known_tasks(self.app)
+    def _publish(
+        self, outgoing: list[tuple[store.AttemptRef, Message, int]], now: dt.datetime, producer: Any
+    ) -> list[tuple[store.AttemptRef, Message]]:
+        """Publish claimed attempts in one broker batch where the transport has one; returns those sent.
+
+        A batch goes out when the block ends, so a broker error releases every attempt of it (some may
+        have reached the broker: their late responses are ignored, as for any superseded attempt).
+        """
+        sent: list[tuple[store.AttemptRef, Message]] = []
+        with self.app.producer_or_acquire(producer) as producer:
+            try:
+                with _batch(producer, len(outgoing)):
+                    for index, (ref, message, timeout_ms) in enumerate(outgoing):
+                        if self._clock() >= _half_spent(ref, timeout_ms):
+                            # Publishing fell behind: the rest would reach workers close to (or past) its
+                            # deadline and expire unrun. Give it back; the next claim sets a fresh deadline.
+                            behind = [ref for ref, _message, _timeout in outgoing[index:]]
+                            store.release(behind, now)
+                            logger.warning(
+                                "publishing fell behind: released %s claimed alarms",
+                                len(behind),
+                                extra={"action": "released", "count": len(behind)},
+                            )
+                            break
+                        self._send(ref, message, producer)
+                        sent.append((ref, message))
+            except Exception as exc:
+                unsent = [ref for ref, _message in sent] + [ref for ref, _m, _t in outgoing[len(sent) :]]
+                store.release(unsent, now)
+                raise PublishFailed(f"publishing {len(outgoing)} alarms failed; released {len(unsent)} claims") from exc
+        return sent
 
     def _fail(self, ref: store.AttemptRef, message: Message, reason: str, now: dt.datetime) -> None:
         # Publishing would only make the worker drop it; mark it failed, visible, not retried forever.
@@ -202,14 +305,13 @@ class AlarmEngine:
             signals.send(signals.alarm_failed, ref.scheduller, message=message, attempt=ref.attempt, reason=reason)
 
     def _send(self, ref: store.AttemptRef, message: Message, producer: Any) -> None:
-        self.app.send_task(
+        self._sender.send(
+            producer,
             message.service_name,
-            kwargs=message.raw_request,
-            task_id=task_id_of(message.id, ref.attempt),
-            headers=header_of(ref, message),
-            expires=ref.deadline,
-            producer=producer,
-            retry=False,
+            message.raw_request,
+            task_id_of(message.id, ref.attempt),
+            header_of(ref, message),
+            ref.deadline,
         )
 
     def _answer_timeouts(self, names: Sequence[str], now: dt.datetime) -> bool:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q, QuerySet
 
 from . import states
@@ -37,6 +38,10 @@ ROW_FIELDS = (
     "deadline",
     "published_at",
 )
+
+
+_ALARM = Alarm._meta.db_table
+_ATTEMPT = AlarmAttempt._meta.db_table
 
 
 class ClaimConflict(Exception):
@@ -145,12 +150,25 @@ def pending_between(
     return rows
 
 
+def due_times_between(
+    scheduller: str, load_from: dt.datetime | None, load_until: dt.datetime
+) -> Iterable[tuple[str, dt.datetime]]:
+    """``(message_id, dispatch_at)`` of the alarms ``pending_between`` returns: what beat's heap holds."""
+    query = Alarm.objects.filter(scheduller=scheduller, state=states.PENDING, dispatch_at__lte=load_until)
+    if load_from is not None:
+        query = query.filter(dispatch_at__gt=load_from)
+    rows: Iterable[tuple[str, dt.datetime]] = query.values_list("message_id", "dispatch_at").iterator(chunk_size=5_000)
+    return rows
+
+
 def claim_due(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[dict[str, Any]]:
     """Claim up to ``limit`` pending alarms due at ``now``: pending → published, attempt + 1.
 
     Rows locked by another beat are skipped, so several beats share the work and each attempt is
     claimed by exactly one of them. Returned rows carry the new ``attempt`` and ``deadline``.
     """
+    if connection.vendor == "postgresql":
+        return _claim_due_postgresql(schedullers, now, limit)
     with transaction.atomic():
         rows = list(
             Alarm.objects.select_for_update(skip_locked=True)
@@ -179,6 +197,27 @@ def claim_due(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[
     return rows
 
 
+def _claim_due_postgresql(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[dict[str, Any]]:
+    """``claim_due`` as one statement: lock (skipping rows other beats hold), update, return."""
+    columns = ", ".join("id" if field == "pk" else field for field in ROW_FIELDS)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_ALARM} SET state = %s, attempt = attempt + 1, published_at = %s, "
+            "deadline = %s + timeout_ms * interval '1 millisecond', updated_at = %s "
+            f"WHERE id IN (SELECT id FROM {_ALARM} WHERE state = %s AND scheduller = ANY(%s) AND dispatch_at <= %s "
+            "ORDER BY dispatch_at LIMIT %s FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {columns}",
+            [states.PUBLISHED, now, now, now, states.PENDING, list(schedullers), now, limit],
+        )
+        rows = [dict(zip(ROW_FIELDS, values, strict=True)) for values in cursor.fetchall()]
+    for row in rows:
+        for field in ("raw_request", "assigns"):
+            if isinstance(row[field], str):  # Django leaves JSON columns undecoded on a raw cursor
+                row[field] = json.loads(row[field])
+    rows.sort(key=lambda row: row["dispatch_at"])
+    return rows
+
+
 def release(refs: Iterable[AttemptRef], now: dt.datetime) -> int:
     """Return attempts whose publish failed to pending, so the next claim publishes them again."""
     released = 0
@@ -190,15 +229,28 @@ def release(refs: Iterable[AttemptRef], now: dt.datetime) -> int:
 def finish(ref: AttemptRef, response: Response, now: dt.datetime, keep_history: bool) -> bool:
     """End the alarm after ``OK``, if ``ref`` is still its current attempt.
 
-    Without history the row goes (one DELETE; the attempt history too, if earlier attempts left one);
-    with history it becomes ``finished`` and the attempt is recorded.
+    Without history the row goes (the attempt history too, if earlier attempts left one); with history
+    it becomes ``finished`` and the attempt is recorded. One statement on PostgreSQL either way.
     """
-    if not keep_history:
-        deleted, _ = _published(ref).delete()
-        if deleted and ref.attempt > 1:
-            AlarmAttempt.objects.filter(message_id=ref.message_id).delete()
-        return deleted > 0
-    return _end(ref, states.FINISHED, response, now, "ok")
+    if keep_history:
+        return _end(ref, states.FINISHED, response, now, "ok")
+    if connection.vendor == "postgresql":
+        # the alarm and its history in one round trip: the worker's hook runs this for every task
+        where, params = _published_sql(ref)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"WITH gone AS (DELETE FROM {_ALARM} WHERE {where} RETURNING message_id), "
+                f"history AS (DELETE FROM {_ATTEMPT} WHERE %s > 1 AND message_id IN (SELECT message_id FROM gone)) "
+                "SELECT count(*) FROM gone",
+                [*params, ref.attempt],
+            )
+            (deleted,) = cursor.fetchone()
+        return bool(deleted)
+    query = _published(ref)
+    deleted = query._raw_delete(query.db)  # one DELETE: no collector, no transaction of its own
+    if deleted and ref.attempt > 1:
+        AlarmAttempt.objects.filter(message_id=ref.message_id).delete()
+    return deleted > 0
 
 
 def fail(ref: AttemptRef, reason: str, now: dt.datetime) -> bool:
@@ -211,13 +263,54 @@ def fail(ref: AttemptRef, reason: str, now: dt.datetime) -> bool:
 
 def _end(ref: AttemptRef, state: str, response: Response, now: dt.datetime, decision: str) -> bool:
     """Keep the alarm as history in the ended ``state``, recording its last attempt."""
-    with transaction.atomic():
-        changed = _published(ref).update(
-            state=state, deadline=None, finished_at=now, last_response=response.to_json(), updated_at=now
+    last = response.to_json()
+    if connection.vendor == "postgresql":
+        where, params = _published_sql(ref)
+        return _update_and_record(
+            "state = %s, deadline = NULL, finished_at = %s, last_response = %s, updated_at = %s",
+            [state, now, json.dumps(last), now],
+            where,
+            params,
+            ref,
+            response,
+            now,
+            decision,
         )
+    with transaction.atomic():
+        changed = _published(ref).update(state=state, deadline=None, finished_at=now, last_response=last, updated_at=now)
         if changed:
             _record_attempt(ref, response, now, decision)
     return changed > 0
+
+
+def _update_and_record(
+    assignments: str,
+    values: list[Any],
+    where: str,
+    params: list[Any],
+    ref: AttemptRef,
+    response: Response,
+    now: dt.datetime,
+    decision: str,
+) -> bool:
+    """PostgreSQL: the guarded UPDATE and the attempt's history row in one statement (one round trip)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"WITH changed AS (UPDATE {_ALARM} SET {assignments} WHERE {where} RETURNING message_id) "
+            f"INSERT INTO {_ATTEMPT} (message_id, attempt, published_at, responded_at, status, error, decision) "
+            "SELECT message_id, %s, %s, %s, %s, %s, %s FROM changed",
+            [
+                *values,
+                *params,
+                ref.attempt,
+                ref.published_at,
+                now,
+                response.status,
+                response.error or "",
+                decision[:50],
+            ],
+        )
+        return cursor.rowcount > 0
 
 
 def retry(
@@ -230,6 +323,28 @@ def retry(
     decision: str = "retry",
 ) -> bool:
     """Store ``message`` as the alarm's next attempt at ``dispatch_at``, if ``ref`` is still current."""
+    if connection.vendor == "postgresql" and response is not None:
+        where, params = _published_sql(ref)
+        return _update_and_record(
+            "state = %s, task_name = %s, raw_request = %s, assigns = %s, dispatch_at = %s, timeout_ms = %s, "
+            "deadline = NULL, last_response = %s, updated_at = %s",
+            [
+                states.PENDING,
+                message.service_name,
+                json.dumps(to_json_value(message.raw_request, "raw_request")),
+                json.dumps(to_json_value(message.assigns, "assigns")),
+                dispatch_at,
+                timeout_ms,
+                json.dumps(response.to_json()),
+                now,
+            ],
+            where,
+            params,
+            ref,
+            response,
+            now,
+            decision,
+        )
     with transaction.atomic():
         changed: int = _published(ref).update(
             state=states.PENDING,
@@ -386,6 +501,16 @@ def _remove_ended(message_ids: list[str]) -> None:
     if ended:
         Alarm.objects.filter(message_id__in=ended, state__in=states.ENDED).delete()
         AlarmAttempt.objects.filter(message_id__in=ended).delete()
+
+
+def _published_sql(ref: AttemptRef) -> tuple[str, list[Any]]:
+    """``_published`` as SQL, for the PostgreSQL single-statement paths."""
+    return "id = %s AND state = %s AND attempt = %s AND deadline = %s", [
+        ref.pk,
+        states.PUBLISHED,
+        ref.attempt,
+        ref.deadline,
+    ]
 
 
 def _published(ref: AttemptRef) -> QuerySet[Alarm]:

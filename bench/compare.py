@@ -1,0 +1,583 @@
+"""celery_scheduller beside Celery ETA tasks and django-celery-beat one-off tasks, in one run.
+
+    python bench/compare.py              # every workload, every system (about 25 minutes)
+    python bench/compare.py --quick      # the same at a small scale, to check the benchmark runs
+
+Every system runs the same task (``bench.hit``: it records when it started) on the same PostgreSQL,
+the same Redis broker and a fresh Celery worker (``-P threads -c 8``) per run. Lateness is task
+start − due time. CPU and peak RSS are sampled from the beat and worker processes; "scheduling" is
+the wall time the client took to schedule the alarms. Workloads:
+
+- ``steady``: ``--rate`` alarms per second due over ``--seconds`` seconds (default 1,000/s × 100 s);
+- ``burst``: ``--burst`` alarms (default 10,000) due within the same second;
+- ``pending``: ``--pending`` alarms (default 1,000,000) due over the next days while ``--pending-rate``
+  per second (default 500) come due over ``--seconds``. The alternatives get as much of the background
+  as they can schedule in ``--background-budget`` seconds; the table says how much that was.
+- ``beats``: the burst published by 1, 2 and 3 of our beats at once (``--beats``), for scaling.
+
+Plus a reference run of plain ``apply_async`` (no delay) at the steady rate: the worker CPU per task
+the others are compared with. A system that has not run an alarm ``--drain`` seconds after the last
+due time has lost it. Needs PostgreSQL on 127.0.0.1:5432 and Redis on 6379 (``pip install -e
+.[bench,postgres,redis]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
+
+OURS, ETA, DCB, PLAIN = "celery_scheduller", "Celery ETA", "django-celery-beat", "plain apply_async"
+SCHEDULLER = "bench"
+
+
+@dataclasses.dataclass
+class Result:
+    """One system on one workload."""
+
+    workload: str
+    system: str
+    count: int
+    scheduled_s: float = 0.0
+    lateness: list[float] = dataclasses.field(default_factory=list)
+    lost: int = 0
+    duplicates: int = 0
+    beat_cpu: float | None = None
+    beat_rss: float | None = None
+    worker_cpu: float = 0.0
+    worker_rss: float = 0.0
+    published_within: float | None = None
+    note: str = ""
+
+    def pct(self, q: float) -> float | None:
+        if not self.lateness:
+            return None
+        ordered = sorted(self.lateness)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def row(self) -> dict[str, Any]:
+        per = max(1, self.count)
+        return {
+            "workload": self.workload,
+            "system": self.system,
+            "alarms": self.count,
+            "scheduling_s": round(self.scheduled_s, 2),
+            "p50_s": _round(self.pct(0.5)),
+            "p90_s": _round(self.pct(0.9)),
+            "p99_s": _round(self.pct(0.99)),
+            "max_s": _round(max(self.lateness) if self.lateness else None),
+            "published_within_s": _round(self.published_within),
+            "beat_cpu_s": _round(self.beat_cpu),
+            "beat_cpu_ms_per_alarm": _round(None if self.beat_cpu is None else 1000 * self.beat_cpu / per),
+            "beat_peak_rss_mb": _round(self.beat_rss),
+            "worker_cpu_s": round(self.worker_cpu, 2),
+            "worker_cpu_ms_per_task": round(1000 * self.worker_cpu / per, 3),
+            "worker_peak_rss_mb": round(self.worker_rss, 1),
+            "lost": self.lost,
+            "duplicates": self.duplicates,
+            "note": self.note,
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+class Proc:
+    """A beat or worker process whose CPU time and peak RSS are sampled."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        import psutil
+
+        self.name = name
+        self.log = log
+        with log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+        self.ps = psutil.Process(self.popen.pid)
+        self.peak_rss = 0
+        self.cpu_start = 0.0
+
+    def cpu(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def sample(self) -> None:
+        try:
+            self.peak_rss = max(self.peak_rss, self.ps.memory_info().rss)
+        except Exception:
+            pass
+
+    def mark(self) -> None:
+        """Start counting CPU and memory from now."""
+        self.cpu_start = self.cpu()
+        self.peak_rss = 0
+        self.sample()
+
+    def used(self) -> tuple[float, float]:
+        """CPU seconds since ``mark`` and peak RSS in MB."""
+        self.sample()
+        return self.cpu() - self.cpu_start, self.peak_rss / 2**20
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+class Sampler(threading.Thread):
+    """Samples every process's RSS four times a second."""
+
+    def __init__(self, procs: list[Proc]) -> None:
+        super().__init__(daemon=True)
+        self.procs = procs
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.25):
+            for proc in self.procs:
+                proc.sample()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        import django
+
+        django.setup()
+        import redis
+        from django.conf import settings
+
+        self.args = args
+        self.hits = redis.Redis.from_url(settings.HITS_URL)
+        self.broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+        self.logs = Path(tempfile.mkdtemp(prefix="csched-bench-"))
+        self.runs = 0
+
+    # -- set-up -------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        from django.db import connection
+
+        self.broker.flushdb()
+        self.hits.flushdb()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "TRUNCATE celery_scheduller_alarm, celery_scheduller_alarmattempt, celery_scheduller_beatrecord, "
+                "django_celery_beat_periodictask, django_celery_beat_clockedschedule, "
+                "django_celery_beat_periodictasks"
+            )
+
+    def worker(self, run: str) -> Proc:
+        proc = Proc(
+            "worker",
+            [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "-P", "threads", "-c", "8",
+             "-l", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"{run}@bench"],
+            self.logs / f"{run}-worker.log",
+        )
+        from bench.celery_app import app
+
+        key = f"ping:{run}"
+        app.send_task("bench.ping", args=[key])
+        _wait(lambda: self.hits.get(key) is not None, 60, f"worker of {run} did not start; see {proc.log}")
+        return proc
+
+    def beat(self, run: str, scheduler: str, index: int = 0) -> Proc:
+        log = self.logs / f"{run}-beat{index}.log"
+        proc = Proc(
+            "beat",
+            [sys.executable, "-m", "celery", "-A", "bench.celery_app", "beat", "-S", scheduler, "-l", "info",
+             "-f", str(log), "--pidfile=", "-s", str(self.logs / f"{run}-beat{index}-schedule")],
+            self.logs / f"{run}-beat{index}.out",
+        )
+        _wait(lambda: log.exists() and "beat: Starting" in log.read_text(), 60, f"beat of {run} did not start")
+        return proc
+
+    # -- scheduling ---------------------------------------------------------------------------------
+
+    def schedule(self, system: str, run: str, dues: list[float]) -> None:
+        if system == OURS:
+            self._schedule_ours(run, dues)
+        elif system == ETA:
+            self._schedule_eta(run, dues)
+        elif system == DCB:
+            self._schedule_dcb(run, dues)
+        else:
+            raise ValueError(system)
+
+    def _schedule_ours(self, run: str, dues: list[float], first: int = 0) -> None:
+        from bench.alarms import BenchAlarms
+        from celery_scheduller import Message
+
+        alarms = BenchAlarms()
+        for chunk in _chunks(range(len(dues)), 10_000):
+            alarms.dispatch_many(
+                [
+                    (
+                        Message.new("bench.hit", raw_request={"run": run, "n": first + n, "due": dues[n]},
+                                    id=f"{run}-{first + n}"),
+                        f"agg-{n % 1000}",
+                        _aware(dues[n]),
+                    )
+                    for n in chunk
+                ]
+            )
+
+    def _schedule_eta(self, run: str, dues: list[float], first: int = 0, budget: float | None = None) -> int:
+        from bench.celery_app import app
+        from bench.tasks import hit
+
+        stop_at = None if budget is None else time.monotonic() + budget
+        with app.producer_or_acquire() as producer:
+            for n, due in enumerate(dues):
+                hit.apply_async(kwargs={"run": run, "n": first + n, "due": due}, eta=_aware(due), producer=producer)
+                if stop_at is not None and n % 1000 == 0 and time.monotonic() > stop_at:
+                    return n + 1
+        return len(dues)
+
+    def _schedule_dcb(self, run: str, dues: list[float], first: int = 0, budget: float | None = None) -> int:
+        from django_celery_beat.models import ClockedSchedule, PeriodicTask, PeriodicTasks
+
+        stop_at = None if budget is None else time.monotonic() + budget
+        done = 0
+        for chunk in _chunks(range(len(dues)), 5_000):
+            clocks = ClockedSchedule.objects.bulk_create([ClockedSchedule(clocked_time=_aware(dues[n])) for n in chunk])
+            PeriodicTask.objects.bulk_create(
+                [
+                    PeriodicTask(
+                        name=f"{run}-{first + n}",
+                        task="bench.hit",
+                        clocked=clock,
+                        one_off=True,
+                        kwargs=json.dumps({"run": run, "n": first + n, "due": dues[n]}),
+                    )
+                    for n, clock in zip(chunk, clocks, strict=True)
+                ]
+            )
+            done += len(chunk)
+            if stop_at is not None and time.monotonic() > stop_at:
+                break
+        PeriodicTasks.update_changed()
+        return done
+
+    def background(self, system: str, run: str, count: int) -> tuple[int, str]:
+        """Schedule ``count`` alarms due over the next days; returns how many and a note."""
+        start = time.time() + 3_600
+        dues = [start + n * (6 * 86_400 / max(1, count)) for n in range(count)]
+        budget = self.args.background_budget
+        if system == OURS:
+            from django.db import connection
+
+            # one INSERT … SELECT: filling a million rows through the API is measured by the steady run
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    """
+                    INSERT INTO celery_scheduller_alarm (message_id, scheduller, task_name, raw_request, assigns,
+                        correlation_id, causation_id, aggregate_id, dispatch_at, state, attempt, timeout_ms,
+                        created_at, updated_at)
+                    SELECT 'far-' || n, %s, 'bench.hit', jsonb_build_object('run', 'far', 'n', n, 'due', 0),
+                        jsonb_build_object('dispatch_at', jsonb_build_object('$datetime',
+                            to_char(to_timestamp(%s + n * %s) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS') || '+00:00')),
+                        'far-' || n, 'far-' || n, 'far-' || (n %% 1000), to_timestamp(%s + n * %s), 'pending', 0,
+                        5000, now(), now()
+                    FROM generate_series(0, %s - 1) AS n
+                    """,
+                    [SCHEDULLER, start, 6 * 86_400 / count, start, 6 * 86_400 / count, count],
+                )
+                cursor.execute("ANALYZE celery_scheduller_alarm")
+            return count, ""
+        if system == ETA:
+            done = self._schedule_eta("far", dues, budget=budget)
+        else:
+            done = self._schedule_dcb("far", dues, budget=budget)
+        return done, "" if done == count else f"{done:,} of {count:,} background alarms scheduled in {budget:.0f} s"
+
+    # -- one run ------------------------------------------------------------------------------------
+
+    def run(self, workload: str, system: str, dues: list[float], *, pending: int = 0, beats: int = 1) -> Result:
+        self.runs += 1
+        run = f"r{self.runs}"
+        label = system if beats == 1 else f"{system} × {beats} beats"
+        print(f"· {workload}: {label}, {len(dues):,} alarms", flush=True)
+        self.reset()
+        result = Result(workload, label, len(dues))
+        notes = []
+        if pending:
+            started = time.monotonic()
+            done, note = self.background(system, run, pending)
+            notes.append(note or f"{done:,} pending in the background (filled in {time.monotonic() - started:.0f} s)")
+        worker = self.worker(run)
+        procs = [worker]
+        scheduler = {OURS: "celery_scheduller", DCB: "django_celery_beat.schedulers:DatabaseScheduler"}.get(system)
+        if scheduler:
+            procs += [self.beat(run, scheduler, index) for index in range(beats)]
+        sampler = Sampler(procs)
+        sampler.start()
+        try:
+            for proc in procs:
+                proc.mark()
+            lead = self._lead(system, len(dues))
+            base = time.time() + lead
+            dues = [base + due for due in dues]
+            started = time.monotonic()
+            if system == PLAIN:
+                self._publish_paced(run, dues)
+            else:
+                self.schedule(system, run, dues)
+            result.scheduled_s = time.monotonic() - started
+            if time.time() > dues[0]:
+                notes.append(f"scheduling ran {time.time() - dues[0]:.1f} s past the first due time")
+            self._drain(run, dues, result)
+            result.worker_cpu, result.worker_rss = worker.used()
+            beat_procs = procs[1:]
+            if beat_procs:
+                used = [proc.used() for proc in beat_procs]
+                result.beat_cpu = sum(cpu for cpu, _ in used)
+                result.beat_rss = max(rss for _, rss in used)
+                result.published_within = self._published_within(system, run, beats, min(dues), len(dues))
+                if system == OURS and pending:
+                    loads = self._first_load_seconds(run)
+                    if loads is not None:
+                        notes.append(f"beat's first window load {loads:.3f} s")
+        finally:
+            sampler.done.set()
+            for proc in reversed(procs):
+                proc.stop()
+        result.note = "; ".join(note for note in notes if note)
+        print(f"  {json.dumps(result.row())}", flush=True)
+        return result
+
+    def _lead(self, system: str, count: int) -> float:
+        # time to schedule before the first alarm is due; measured rates with room to spare
+        per_alarm = {OURS: 0.0002, ETA: 0.0008, DCB: 0.0004, PLAIN: 0.0}[system]
+        return 5.0 + count * per_alarm
+
+    def _publish_paced(self, run: str, dues: list[float]) -> None:
+        from bench.celery_app import app
+        from bench.tasks import hit
+
+        with app.producer_or_acquire() as producer:
+            for n, due in enumerate(dues):
+                delay = due - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                hit.apply_async(kwargs={"run": run, "n": n, "due": due}, producer=producer)
+
+    def _drain(self, run: str, dues: list[float], result: Result) -> None:
+        give_up = max(dues) + self.args.drain
+        key = f"hits:{run}"
+        while time.time() < give_up:
+            if self.hits.llen(key) >= len(dues) and len(self._starts(key)) >= len(dues):
+                break
+            time.sleep(0.5)
+        time.sleep(1.0)  # late duplicates
+        starts = self._starts(key)
+        total = self.hits.llen(key)
+        result.lateness = [start - dues[n] for n, start in starts.items()]
+        result.lost = len(dues) - len(starts)
+        result.duplicates = total - len(starts)
+
+    def _starts(self, key: str) -> dict[int, float]:
+        first: dict[int, float] = {}
+        for raw in self.hits.lrange(key, 0, -1):
+            n, _due, started = raw.decode().split()
+            first[int(n)] = min(float(started), first.get(int(n), float("inf")))
+        return first
+
+    def _published_within(self, system: str, run: str, beats: int, first_due: float, count: int) -> float | None:
+        """Seconds from the first due time until beat had published every alarm (from beat's log)."""
+        sent: list[tuple[float, int]] = []
+        for index in range(beats):
+            for line in (self.logs / f"{run}-beat{index}.log").read_text().splitlines():
+                if system == OURS:
+                    found = re.search(r"^\[([\d\- :,]+): INFO/\w+\] published (\d+) alarms", line)
+                else:
+                    found = re.search(r"^\[([\d\- :,]+): INFO/\w+\] Scheduler: Sending due task", line)
+                if found:
+                    when = dt.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=dt.UTC)
+                    sent.append((when.timestamp(), int(found.group(2)) if system == OURS else 1))
+        total = 0
+        for when, many in sorted(sent):
+            total += many
+            if total >= count:
+                return when - first_due
+        return None
+
+    def _first_load_seconds(self, run: str) -> float | None:
+        found = re.search(r"loaded \d+ alarms of \S+ due until \S+ in ([\d.]+) s", (self.logs / f"{run}-beat0.log").read_text())
+        return float(found.group(1)) if found else None
+
+    # -- the API's own costs --------------------------------------------------------------------------
+
+    def api_costs(self, count: int) -> dict[str, float]:
+        """``dispatch`` one by one, ``dispatch_many``, and the result hook's database round trips."""
+        from django.db import connection
+        from django.test.utils import CaptureQueriesContext
+
+        from bench.alarms import BenchAlarms
+        from celery_scheduller import Message, Response, store
+        from celery_scheduller.responses import respond
+
+        self.reset()
+        alarms = BenchAlarms()
+        at = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        started = time.perf_counter()
+        for n in range(count):
+            alarms.dispatch(Message.new("bench.hit", raw_request={"run": "api", "n": n, "due": 0}, id=f"one-{n}"),
+                            f"agg-{n}", at=at)
+        one = (time.perf_counter() - started) / count
+        many = [(Message.new("bench.hit", raw_request={"run": "api", "n": n, "due": 0}, id=f"many-{n}"), f"agg-{n}", at)
+                for n in range(count * 20)]
+        started = time.perf_counter()
+        alarms.dispatch_many(many)
+        per_second = len(many) / (time.perf_counter() - started)
+        now = dt.datetime.now(dt.UTC)
+        claimed = store.claim_due([SCHEDULLER], at, 1)
+        ref, message = store.AttemptRef.of_row(claimed[0]), store.message_from_row(claimed[0])
+        with CaptureQueriesContext(connection) as queries:
+            respond(ref, message, Response("ok", value=None), now)
+        return {"dispatch_ms": round(one * 1000, 3), "dispatch_many_per_s": round(per_second),
+                "hook_queries_ok": len(queries)}
+
+
+def _aware(moment: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(moment, dt.UTC)
+
+
+def _chunks(items: range, size: int) -> Iterator[range]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _wait(check: Callable[[], bool], timeout: float, message: str) -> None:
+    give_up = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > give_up:
+            raise RuntimeError(message)
+        time.sleep(0.2)
+
+
+def steady(rate: float, seconds: float) -> list[float]:
+    return [n / rate for n in range(int(rate * seconds))]
+
+
+def burst(count: int) -> list[float]:
+    return [n / count for n in range(count)]
+
+
+def prepare_database() -> None:
+    import psycopg
+
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS csched_bench_run WITH (FORCE)")
+        conn.execute("CREATE DATABASE csched_bench_run")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def table(results: list[Result]) -> str:
+    head = (
+        "| workload | system | alarms | scheduling s | p50 s | p90 s | p99 s | max s | all published within s "
+        "| beat CPU s (ms/alarm) | beat peak RSS MB | worker CPU s (ms/task) | worker peak RSS MB | lost | dup | note |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for result in results:
+        row = result.row()
+
+        def cell(value: object) -> str:
+            return "–" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+        beat = "–" if row["beat_cpu_s"] is None else f"{row['beat_cpu_s']} ({row['beat_cpu_ms_per_alarm']})"
+        lines.append(
+            f"| {row['workload']} | {row['system']} | {row['alarms']:,} | {row['scheduling_s']} | {cell(row['p50_s'])} "
+            f"| {cell(row['p90_s'])} | {cell(row['p99_s'])} | {cell(row['max_s'])} | {cell(row['published_within_s'])} "
+            f"| {beat} | {cell(row['beat_peak_rss_mb'])} | {row['worker_cpu_s']} ({row['worker_cpu_ms_per_task']}) "
+            f"| {row['worker_peak_rss_mb']} | {row['lost']:,} | {row['duplicates']:,} | {row['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small scale: 200/s × 5 s, bursts of 1,000, 20,000 pending")
+    parser.add_argument("--rate", type=float, default=1_000)
+    parser.add_argument("--seconds", type=float, default=100)
+    parser.add_argument("--burst", type=int, default=10_000)
+    parser.add_argument("--pending", type=int, default=1_000_000)
+    parser.add_argument("--pending-rate", type=float, default=500)
+    parser.add_argument("--background-budget", type=float, default=60, help="seconds the alternatives get to fill")
+    parser.add_argument("--drain", type=float, default=60, help="seconds after the last due time before lost")
+    parser.add_argument("--beats", default="1,2,3", help="beat counts for the scaling run; empty to skip")
+    parser.add_argument("--workloads", default="steady,burst,pending,beats")
+    parser.add_argument("--systems", default=f"{OURS},{ETA},{DCB}")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    if args.quick:
+        args.rate, args.seconds, args.burst, args.pending, args.pending_rate = 200, 5, 1_000, 20_000, 100
+        args.background_budget, args.drain = 5, 20
+    workloads = [name for name in args.workloads.split(",") if name]
+    systems = [name for name in args.systems.split(",") if name]
+
+    prepare_database()
+    bench = Bench(args)
+    print(f"logs in {bench.logs}", flush=True)
+    results: list[Result] = []
+    if "steady" in workloads:
+        for system in [*systems, PLAIN]:
+            results.append(bench.run(f"steady {args.rate:g}/s × {args.seconds:g} s", system, steady(args.rate, args.seconds)))
+    if "burst" in workloads:
+        for system in systems:
+            results.append(bench.run(f"burst {args.burst:,} in 1 s", system, burst(args.burst)))
+    if "pending" in workloads:
+        for system in systems:
+            results.append(
+                bench.run(
+                    f"{args.pending:,} pending + {args.pending_rate:g}/s × {args.seconds:g} s",
+                    system,
+                    steady(args.pending_rate, args.seconds),
+                    pending=args.pending,
+                )
+            )
+    if "beats" in workloads and args.beats:
+        for beats in [int(b) for b in args.beats.split(",")]:
+            results.append(bench.run(f"burst {args.burst * 2:,} in 1 s", OURS, burst(args.burst * 2), beats=beats))
+    costs = bench.api_costs(200 if args.quick else 1_000)
+    print()
+    print(table(results))
+    print()
+    print(
+        f"dispatch: {costs['dispatch_ms']} ms per alarm; dispatch_many: {costs['dispatch_many_per_s']:,} alarms/s; "
+        f"result hook for OK: {costs['hook_queries_ok']} database round trip(s)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": [r.row() for r in results], "api": costs}, indent=2))
+    bench.reset()
+
+
+if __name__ == "__main__":
+    main()

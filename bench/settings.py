@@ -1,0 +1,41 @@
+"""Django settings of the comparison benchmark (``python bench/compare.py``).
+
+One PostgreSQL database (``csched_bench_run``), Redis db 12 as the broker and db 13 for the record of
+task starts. Both beat schedulers (ours and django-celery-beat's) read this database.
+"""
+
+from __future__ import annotations
+
+import os
+
+SECRET_KEY = "bench-only"
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEBUG = False
+INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "celery_scheduller", "django_celery_beat"]
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": "csched_bench_run",
+        "USER": os.environ.get("PGUSER", "postgres"),
+        "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+        "PORT": os.environ.get("PGPORT", "5432"),
+    }
+}
+
+REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
+CELERY_BROKER_URL = f"{REDIS}/12"
+HITS_URL = f"{REDIS}/13"
+CELERY_TIMEZONE = "UTC"
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = True
+
+CELERY_SCHEDULLER_CLASSES = ["bench.alarms.BenchAlarms"]
+# the seed's default: a finished alarm leaves the table
+CELERY_SCHEDULLER_KEEP_FINISHED = None
+CELERY_SCHEDULLER_POLL_INTERVAL = int(os.environ.get("BENCH_POLL_INTERVAL", "500"))
