@@ -67,5 +67,9 @@ class Settings:
             raise ConfigurationError(f"{PREFIX}KEEP_FINISHED must be None, seconds or a timedelta, got {value!r}")
         return dt.timedelta(seconds=value)
 
+    def keeps_history(self) -> bool:
+        """True when ended alarms stay in the table for KEEP_FINISHED."""
+        return self.keep_finished() is not None
+
 
 settings = Settings()

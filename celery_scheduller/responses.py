@@ -43,7 +43,7 @@ def respond(ref: store.AttemptRef, message: Message, response: Response, now: dt
         return _logged(applied, "error_backoff", message, log_extra)
 
     if not isinstance(decision, Retry):  # validate_decision let only OK through besides Retry
-        applied = store.finish(ref, response, now, settings.keep_finished() is not None)
+        applied = store.finish(ref, response, now, settings.keeps_history())
         if applied:
             signals.send(signals.alarm_responded, ref.scheduller, message=answered, attempt=ref.attempt)
             signals.send(signals.alarm_finished, ref.scheduller, message=answered, attempt=ref.attempt)

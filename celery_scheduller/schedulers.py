@@ -92,6 +92,7 @@ class AlarmScheduler(PersistentScheduler):
     def close(self) -> None:
         """Release the alarm producer's connection, then close the periodic side."""
         self._drop_broker_connection()
+        self.alarm_engine.close()
         super().close()
 
     @property

@@ -97,10 +97,24 @@ class Scheduller:
 
         Overrides must call ``super().save_alarm``: beat claims and publishes from the package's table.
         """
-        from . import store
+        self._insert([self._new_alarm(message, aggregate_id)])
+
+    def _insert(self, alarms: list[Any]) -> None:
+        """Store new alarms; announce the earliest to listening beats when it may be in a loaded window."""
+        from . import notify, store
         from .conf import settings
 
-        store.insert([self._new_alarm(message, aggregate_id)], settings.keep_finished() is not None)
+        if not alarms:
+            return
+        store.insert(alarms, settings.keeps_history())
+        due_times = [alarm.message.assigns["dispatch_at"] for alarm in alarms]
+        earliest = min(due_times)
+        try:
+            interval = int(self.in_memory_interval())
+        except Exception:
+            interval = 60_000  # beat reports the broken callback; the announcement is only an accelerator
+        if earliest <= _now() + dt.timedelta(milliseconds=2 * interval):
+            notify.announce(self.scheduller_name(), earliest, max(due_times))
 
     def load_alarms(self, load_from: dt.datetime | None, load_until: dt.datetime) -> list[Message]:
         """Pending alarms due in ``(load_from, load_until]``; ``load_from`` is None on start."""
@@ -143,10 +157,7 @@ class Scheduller:
             (self._prepare(message, aggregate_id, at, None, now), aggregate_id) for message, aggregate_id, at in alarms
         ]
         if type(self).save_alarm is Scheduller.save_alarm:
-            from .conf import settings
-
-            keep = settings.keep_finished() is not None
-            store.insert([self._new_alarm(message, aggregate_id) for message, aggregate_id in prepared], keep)
+            self._insert([self._new_alarm(message, aggregate_id) for message, aggregate_id in prepared])
         else:
             for message, aggregate_id in prepared:
                 self.save_alarm(message, aggregate_id)
@@ -196,7 +207,7 @@ class Scheduller:
         cancelled = store.cancel(
             name,
             now or _now(),
-            settings.keep_finished() is not None,
+            settings.keeps_history(),
             message_ids=message_ids,
             aggregate_id=aggregate_id,
         )

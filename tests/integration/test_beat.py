@@ -128,8 +128,12 @@ def test_failed_publish_releases_the_claim_and_loses_nothing(beat):
     down = Celery("down", broker="redis://127.0.0.1:1/0", set_as_current=False)
     down.conf.broker_connection_retry = False
     down.conf.broker_connection_max_retries = 0
-    with pytest.raises(PublishFailed):
-        AlarmEngine(down).tick(time.time(), None)
+    engine = AlarmEngine(down)
+    try:
+        with pytest.raises(PublishFailed):
+            engine.tick(time.time(), None)
+    finally:
+        engine.close()
     row = Alarm.objects.get(message_id="broker-down")
     assert row.state == states.PENDING and row.deadline is None
     run_beat(beat(), lambda: Answer.objects.filter(message_id="broker-down").exists(), 10, "delivery")
@@ -216,7 +220,10 @@ def test_a_batch_that_publishes_too_slowly_gives_back_what_would_go_out_half_exp
     readings = iter([0.0, 0.6, 0.6, 0.6])  # after the first publish, 600 ms of a 1000 ms timeout are gone
     started = time.time()
     engine = AlarmEngine(beat().app, clock=lambda: started + next(readings, 0.6))
-    engine.tick(started, None)
+    try:
+        engine.tick(started, None)
+    finally:
+        engine.close()
     rows = dict(Alarm.objects.filter(message_id__startswith="slow-batch-").values_list("message_id", "state"))
     assert sorted(rows.values()).count("pending") == 2  # the third went out (and a worker may have finished it)
     assert engine.published == 1
