@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import time
+from typing import Any
 
 import redis
 from celery import shared_task
@@ -11,10 +14,22 @@ from django.conf import settings
 _hits = redis.Redis.from_url(settings.HITS_URL)
 
 
-@shared_task(name="bench.hit")
-def hit(run: str, n: int, due: float) -> None:
-    """Record ``n due started`` for the run; lateness is started − due."""
-    _hits.rpush(f"hits:{run}", f"{n} {due!r} {time.time()!r}")
+def _published_at(request: Any) -> str:
+    """When celery_scheduller's beat claimed this attempt for publishing (its header), else "-"."""
+    raw = (getattr(request, "headers", None) or {}).get("celery_scheduller") or getattr(
+        request, "celery_scheduller", None
+    )
+    if not raw:
+        return "-"
+    published = json.loads(raw)["ref"]["published_at"]
+    return repr(dt.datetime.fromisoformat(published).timestamp()) if published else "-"
+
+
+@shared_task(name="bench.hit", bind=True)
+def hit(self: Any, run: str, n: int, due: float) -> None:
+    """Record ``n due started published`` for the run; lateness is started − due."""
+    started = time.time()
+    _hits.rpush(f"hits:{run}", f"{n} {due!r} {started!r} {_published_at(self.request)}")
 
 
 @shared_task(name="bench.ping")

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Final, final
 from . import registry
 from .conf import settings
 from .exceptions import InvalidAlarm
-from .message import Message
+from .message import Message, to_json_value
 
 
 @final
@@ -101,20 +101,25 @@ class Scheduller:
 
     def _insert(self, alarms: list[Any]) -> None:
         """Store new alarms; announce the earliest to listening beats when it may be in a loaded window."""
-        from . import notify, store
+        from . import store
         from .conf import settings
 
         if not alarms:
             return
         store.insert(alarms, settings.keeps_history())
         due_times = [alarm.message.assigns["dispatch_at"] for alarm in alarms]
-        earliest = min(due_times)
+        self._announce(min(due_times), max(due_times))
+
+    def _announce(self, earliest: dt.datetime, latest: dt.datetime) -> None:
+        """Tell listening beats of alarms now due in ``[earliest, latest]`` if they may be in a loaded window."""
+        from . import notify
+
         try:
             interval = int(self.in_memory_interval())
         except Exception:
             interval = 60_000  # beat reports the broken callback; the announcement is only an accelerator
         if earliest <= _now() + dt.timedelta(milliseconds=2 * interval):
-            notify.announce(self.scheduller_name(), earliest, max(due_times))
+            notify.announce(self.scheduller_name(), earliest, latest)
 
     def load_alarms(self, load_from: dt.datetime | None, load_until: dt.datetime) -> list[Message]:
         """Pending alarms due in ``(load_from, load_until]``; ``load_from`` is None on start."""
@@ -139,6 +144,7 @@ class Scheduller:
         An id already stored is left unchanged. Inside ``transaction.atomic()`` the alarm commits or
         rolls back with the caller's data.
         """
+        registry.check_served(type(self))
         scheduled = self._prepare(message, aggregate_id, at, in_ms, now or _now())
         self.save_alarm(scheduled, aggregate_id)
         return scheduled
@@ -152,16 +158,27 @@ class Scheduller:
         """Schedule many ``(message, aggregate_id, at)`` at once; every one is checked before any is saved."""
         from . import store
 
+        registry.check_served(type(self))
         now = now or _now()
+        alarms = list(alarms)
+        for name in {message.service_name for message, _aggregate, _at in alarms if isinstance(message, Message)}:
+            _check_task(name)  # each task name once, not once per alarm
+        limit = settings.MAX_PAYLOAD
         prepared = [
-            (self._prepare(message, aggregate_id, at, None, now), aggregate_id) for message, aggregate_id, at in alarms
+            (self._prepare_encoded(message, aggregate_id, at, None, now, limit, check_task=False), aggregate_id)
+            for message, aggregate_id, at in alarms
         ]
         if type(self).save_alarm is Scheduller.save_alarm:
-            self._insert([self._new_alarm(message, aggregate_id) for message, aggregate_id in prepared])
+            self._insert(
+                [
+                    self._new_alarm(message, aggregate_id, raw_json, assigns_json)
+                    for (message, raw_json, assigns_json), aggregate_id in prepared
+                ]
+            )
         else:
-            for message, aggregate_id in prepared:
+            for (message, _raw, _assigns), aggregate_id in prepared:
                 self.save_alarm(message, aggregate_id)
-        return [message for message, _ in prepared]
+        return [message for (message, _raw, _assigns), _aggregate in prepared]
 
     def cancel(self, message_id: str, *, now: dt.datetime | None = None) -> bool:
         """Take the alarm with this message id off the schedule; True if it was on it."""
@@ -184,7 +201,11 @@ class Scheduller:
 
         registry.check_served(type(self))
         now = now or _now()
-        return store.reschedule(self.scheduller_name(), message_id, due_time(at, in_ms, now), now)
+        due = due_time(at, in_ms, now)
+        moved = store.reschedule(self.scheduller_name(), message_id, due, now)
+        if moved:
+            self._announce(due, due)
+        return moved
 
     def dispatch_now(self, message_id: str, *, now: dt.datetime | None = None) -> bool:
         """Make a pending alarm due at once; False when it is not pending."""
@@ -196,7 +217,11 @@ class Scheduller:
 
         registry.check_served(type(self))
         now = now or _now()
-        return store.restart(self.scheduller_name(), message_id, due_time(None, in_ms, now), now)
+        due = due_time(None, in_ms, now)
+        restarted = store.restart(self.scheduller_name(), message_id, due, now)
+        if restarted:
+            self._announce(due, due)
+        return restarted
 
     def _cancel(self, now: dt.datetime | None, *, message_ids: Sequence[str] = (), aggregate_id: str = "") -> list[str]:
         from . import signals, store
@@ -225,7 +250,21 @@ class Scheduller:
         in_ms: int | None,
         now: dt.datetime,
     ) -> Message:
-        registry.check_served(type(self))
+        return self._prepare_encoded(message, aggregate_id, at, in_ms, now)[0]
+
+    def _prepare_encoded(
+        self,
+        message: Message,
+        aggregate_id: str,
+        at: dt.datetime | None,
+        in_ms: int | None,
+        now: dt.datetime,
+        limit: int | None = None,
+        *,
+        check_task: bool = True,
+    ) -> tuple[Message, str, str]:
+        """The message to store (``dispatch_at`` and ``late`` assigned), with its raw_request and assigns
+        as JSON; raises ``InvalidAlarm`` for anything that cannot be stored."""
         if not isinstance(message, Message):
             raise InvalidAlarm(f"dispatch needs a Message (Message.new(...)), got {type(message).__name__}")
         if not isinstance(aggregate_id, str) or not aggregate_id or len(aggregate_id) > 255:
@@ -233,22 +272,37 @@ class Scheduller:
                 f"aggregate_id must be a non-empty string of at most 255 characters, got {aggregate_id!r}"
             )
         dispatch_at = due_time(at, in_ms, now)
-        _check_task(message.service_name)
+        if check_task:
+            _check_task(message.service_name)
         scheduled = message.assign("dispatch_at", dispatch_at)
         if dispatch_at < now:
             scheduled = scheduled.assign("late", True)
-        size = len(json.dumps(scheduled.to_json()))  # raises InvalidAlarm naming a field JSON cannot carry
-        limit = settings.MAX_PAYLOAD
+        # raise InvalidAlarm naming a field JSON cannot carry
+        raw_json = json.dumps(to_json_value(scheduled.raw_request, "raw_request"), separators=(",", ":"))
+        assigns_json = json.dumps(to_json_value(scheduled.assigns, "assigns"), separators=(",", ":"))
+        size = (
+            len(raw_json)
+            + len(assigns_json)
+            + len(scheduled.service_name)
+            + len(scheduled.id)
+            + len(scheduled.correlation_id)
+            + len(scheduled.causation_id)
+        )
+        limit = settings.MAX_PAYLOAD if limit is None else limit
         if size > limit:
             raise InvalidAlarm(
                 f"message {message.id!r} is {size} bytes as JSON, more than CELERY_SCHEDULLER_MAX_PAYLOAD ({limit})"
             )
-        return scheduled
+        return scheduled, raw_json, assigns_json
 
-    def _new_alarm(self, message: Message, aggregate_id: str) -> Any:
+    def _new_alarm(
+        self, message: Message, aggregate_id: str, raw_json: str | None = None, assigns_json: str | None = None
+    ) -> Any:
         from . import store
 
-        return store.NewAlarm(self.scheduller_name(), message, aggregate_id, self._timeout_of(message))
+        return store.NewAlarm(
+            self.scheduller_name(), message, aggregate_id, self._timeout_of(message), raw_json, assigns_json
+        )
 
     def _timeout_of(self, message: Message) -> int:
         timeout = self.dispatch_timeout(message)
@@ -296,6 +350,10 @@ def known_tasks(app: Any = None) -> set[str] | None:
 
 def _check_task(name: str) -> None:
     """Refuse a task name the Celery app does not know, when the app has registered its tasks."""
+    from celery import current_app
+
+    if name in current_app.tasks:  # the common case, without building the set of names
+        return
     names = known_tasks()
     if names is not None and name not in names:
         raise InvalidAlarm(f"no Celery task named {name!r} is registered with the Celery app")

@@ -99,6 +99,9 @@ class NewAlarm:
     message: Message
     aggregate_id: str
     timeout_ms: int
+    #: raw_request and assigns already encoded (by dispatch's checks), to encode each message once
+    raw_json: str | None = None
+    assigns_json: str | None = None
 
 
 def message_from_row(row: dict[str, Any]) -> Message:
@@ -120,6 +123,9 @@ def insert(alarms: Sequence[NewAlarm], keep_history: bool, batch_size: int = 2_0
     """
     if keep_history:
         _remove_ended([new.message.id for new in alarms])
+    if connection.vendor == "postgresql":
+        _insert_postgresql(alarms, batch_size)
+        return
     rows = [
         Alarm(
             message_id=new.message.id,
@@ -137,6 +143,46 @@ def insert(alarms: Sequence[NewAlarm], keep_history: bool, batch_size: int = 2_0
         for new in alarms
     ]
     Alarm.objects.bulk_create(rows, batch_size=batch_size, ignore_conflicts=True)
+
+
+def _insert_postgresql(alarms: Sequence[NewAlarm], batch_size: int) -> None:
+    """``insert`` as one ``INSERT … SELECT FROM unnest(…)`` per batch: no model instances, column arrays."""
+    sql = (
+        f"INSERT INTO {_ALARM} (message_id, scheduller, task_name, raw_request, assigns, correlation_id, "
+        "causation_id, aggregate_id, dispatch_at, timeout_ms, state, attempt, created_at, updated_at) "
+        "SELECT m, s, t, r::jsonb, a::jsonb, c, ca, ag, d, tm, %s, 0, now(), now() FROM unnest("
+        "%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], "
+        "%b::timestamptz[], %b::int[]) AS x(m, s, t, r, a, c, ca, ag, d, tm) "
+        "ON CONFLICT (message_id) DO NOTHING"
+    )
+    # psycopg's own cursor binds parameters on the server, arrays in binary; Django's quotes every string
+    import psycopg
+
+    connection.ensure_connection()
+    with psycopg.Cursor(connection.connection) as cursor:
+        for start in range(0, len(alarms), batch_size):
+            batch = alarms[start : start + batch_size]
+            columns: list[list[Any]] = [[] for _ in range(10)]
+            for new in batch:
+                message = new.message
+                for column, value in zip(
+                    columns,
+                    (
+                        message.id,
+                        new.scheduller,
+                        message.service_name,
+                        new.raw_json or json.dumps(to_json_value(message.raw_request, "raw_request")),
+                        new.assigns_json or json.dumps(to_json_value(message.assigns, "assigns")),
+                        message.correlation_id,
+                        message.causation_id,
+                        new.aggregate_id,
+                        message.assigns["dispatch_at"],
+                        new.timeout_ms,
+                    ),
+                    strict=True,
+                ):
+                    column.append(value)
+            cursor.execute(sql, [states.PENDING, *columns])
 
 
 def pending_between(

@@ -61,6 +61,9 @@ if os.environ.get("SHOP_DB", "sqlite") == "postgres":
             "USER": os.environ.get("PGUSER", "postgres"),
             "HOST": os.environ.get("PGHOST", "127.0.0.1"),
             "PORT": os.environ.get("PGPORT", "5432"),
+            # Celery closes a task's connections after every task: a pool keeps the result hook from
+            # opening a new one each time
+            "OPTIONS": {"pool": {"min_size": 1, "max_size": 8}},
         }
     }
 else:
@@ -81,6 +84,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_in": str(_queue),
         "data_folder_out": str(_queue),
         "processed_folder": str(_queue / "processed"),
+        # kombu keeps exchange bindings here (default: ./control in the working directory)
+        "control_folder": str(_queue / "control"),
         "store_processed": False,
         "polling_interval": 0.1,
     }

@@ -1,0 +1,126 @@
+"""The fast paths of issue 5: announced late arrivals, back-to-back claims, one-round-trip responses."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+
+import pytest
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+
+from celery_scheduller import Message, Response, states, store
+from celery_scheduller.models import Alarm, AlarmAttempt
+from celery_scheduller.responses import respond
+from tests.conftest import run_beat
+from tests.testapp.alarms import TestAlarms
+from tests.testapp.models import Run
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+postgres_only = pytest.mark.skipif("connection.vendor != 'postgresql'", reason="PostgreSQL paths")
+
+
+@postgres_only
+@pytest.mark.worker
+@pytest.mark.usefixtures("worker")
+def test_an_alarm_dispatched_into_a_loaded_window_is_announced_and_fires_on_time_without_a_poll(beat, settings):
+    settings.CELERY_SCHEDULLER_POLL_INTERVAL = 60_000  # the poll would find it a minute late
+    scheduler = beat()
+    scheduler.tick_alarms(time.time())  # loads the (empty) window and takes the poll of the first tick
+    saved = {}
+
+    def web_request() -> None:
+        try:
+            with transaction.atomic():
+                saved["m"] = TestAlarms().dispatch(Message.new("testapp.record", id="announced"), "agg", in_ms=600)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=web_request)
+    thread.start()
+    thread.join()
+    run = run_beat(scheduler, lambda: Run.objects.filter(message_id="announced").first(), 10, "the run")
+    lateness = (run.started_at - saved["m"].dispatch_at).total_seconds()
+    assert 0 <= lateness < 0.3, lateness
+    assert scheduler.alarm_engine.next_poll_at > time.time() + 50  # no poll ran meanwhile
+
+
+@postgres_only
+def test_a_rolled_back_dispatch_announces_nothing(beat, settings):
+    settings.CELERY_SCHEDULLER_POLL_INTERVAL = 60_000
+    scheduler = beat()
+    scheduler.tick_alarms(time.time())
+    with pytest.raises(RuntimeError), transaction.atomic():
+        TestAlarms().dispatch(Message.new("testapp.record", id="rolled-back"), "agg", in_ms=100)
+        raise RuntimeError("the caller's transaction fails")
+    time.sleep(0.2)
+    scheduler.tick_alarms(time.time())
+    assert len(scheduler.alarm_engine.heap) == 0
+    assert not Alarm.objects.filter(message_id="rolled-back").exists()
+
+
+def test_a_full_batch_is_followed_by_the_next_claim_at_once_not_by_the_poll(beat, settings):
+    settings.CELERY_SCHEDULLER_POLL_INTERVAL = 60_000
+    settings.CELERY_SCHEDULLER_BATCH_SIZE = 5
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    TestAlarms().dispatch_many(
+        [(Message.new("testapp.record", id=f"backlog-{n}"), "agg", past) for n in range(23)]
+    )
+    scheduler = beat()
+    delays = []
+    started = time.monotonic()
+    while scheduler.alarm_engine.published < 23 and time.monotonic() - started < 5:
+        delays.append(scheduler.tick_alarms(time.time()))
+    assert scheduler.alarm_engine.published == 23
+    assert delays[:4] == [0.0, 0.0, 0.0, 0.0]  # four full batches, each followed at once
+    assert not Alarm.objects.filter(message_id__startswith="backlog-", state=states.PENDING).exists()
+
+
+def _ours(queries: CaptureQueriesContext) -> list[str]:
+    """The statements on the package's tables (TestAlarms.service_responded writes rows of its own)."""
+    return [query["sql"] for query in queries.captured_queries if "celery_scheduller_" in query["sql"]]
+
+
+def _published_attempt(message_id: str) -> tuple[store.AttemptRef, Message]:
+    TestAlarms().dispatch(Message.new("testapp.record", id=message_id), "agg", in_ms=0)
+    rows = store.claim_due(["tests"], dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1), 10)
+    row = next(row for row in rows if row["message_id"] == message_id)
+    return store.AttemptRef.of_row(row), store.message_from_row(row)
+
+
+@postgres_only
+@pytest.mark.parametrize("keep", [None, 3600], ids=["removed", "kept"])
+def test_the_response_of_a_task_costs_one_database_round_trip(settings, keep):
+    settings.CELERY_SCHEDULLER_KEEP_FINISHED = keep
+    ref, message = _published_attempt(f"one-trip-{keep}")
+    with CaptureQueriesContext(connection) as queries:
+        assert respond(ref, message, Response("ok", value=1), dt.datetime.now(dt.UTC)) == "finished"
+    assert len(_ours(queries)) == 1, _ours(queries)  # besides TestAlarms' own Answer row
+    if keep:
+        assert Alarm.objects.get(message_id=message.id).state == states.FINISHED
+        assert AlarmAttempt.objects.filter(message_id=message.id, status="ok").count() == 1
+    else:
+        assert not Alarm.objects.filter(message_id=message.id).exists()
+
+
+@postgres_only
+def test_a_retry_is_one_round_trip_too_and_keeps_its_attempt_record():
+    ref, message = _published_attempt("retry-trip")
+    message = message.assign("retries_left", 1)  # TestAlarms retries once
+    with CaptureQueriesContext(connection) as queries:
+        action = respond(ref, message, Response("error", error="boom"), dt.datetime.now(dt.UTC))
+    assert action == "retried"
+    assert len(_ours(queries)) == 1, _ours(queries)
+    row = Alarm.objects.get(message_id="retry-trip")
+    assert row.state == states.PENDING and row.deadline is None
+    assert list(AlarmAttempt.objects.filter(message_id="retry-trip").values_list("attempt", "status")) == [(1, "error")]
+
+
+@postgres_only
+def test_a_stale_response_changes_nothing_in_one_statement():
+    ref, message = _published_attempt("stale-trip")
+    stale = store.AttemptRef(ref.pk, ref.message_id, ref.scheduller, ref.attempt, ref.deadline - dt.timedelta(seconds=1))
+    assert store.finish(stale, Response("ok"), dt.datetime.now(dt.UTC), keep_history=False) is False
+    assert Alarm.objects.get(message_id="stale-trip").state == states.PUBLISHED
