@@ -12,8 +12,8 @@ the wall time the client took to schedule the alarms. Workloads:
   ``--low-rate`` over ``--low-seconds`` (default 250/s × 30 s: within what one worker process runs here);
 - ``burst``: ``--burst`` alarms (default 10,000) due within the same second;
 - ``pending``: ``--pending`` alarms (default 1,000,000) due over the next days while ``--pending-rate``
-  per second (default 500) come due over ``--pending-seconds`` (default 60). The alternatives get as much of the background
-  as they can schedule in ``--background-budget`` seconds; the table says how much that was.
+  per second (default 500) come due over ``--pending-seconds`` (default 60). The alternatives get as much
+  of the background as they can schedule in ``--background-budget`` seconds; the table says how much.
 - ``beats``: the burst published by 1, 2 and 3 of our beats at once (``--beats``), for scaling.
 
 Plus a reference run of plain ``apply_async`` (no delay) at the steady rate: the worker CPU per task
@@ -25,13 +25,13 @@ due time has lost it. Needs PostgreSQL on 127.0.0.1:5432 and Redis on 6379 (``pi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,10 +129,8 @@ class Proc:
         return float(times.user + times.system)
 
     def sample(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the process may have just exited
             self.peak_rss = max(self.peak_rss, self.ps.memory_info().rss)
-        except Exception:
-            pass
 
     def mark(self) -> None:
         """Start counting CPU and memory from now."""
@@ -200,8 +198,25 @@ class Bench:
     def worker(self, run: str) -> Proc:
         proc = Proc(
             "worker",
-            [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "-P", "threads", "-c", "8",
-             "-l", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"{run}@bench"],
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench.celery_app",
+                "worker",
+                "-P",
+                "threads",
+                "-c",
+                "8",
+                "-l",
+                "warning",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"{run}@bench",
+            ],
             self.logs / f"{run}-worker.log",
         )
         from bench.celery_app import app
@@ -215,8 +230,23 @@ class Bench:
         log = self.logs / f"{run}-beat{index}.log"
         proc = Proc(
             "beat",
-            [sys.executable, "-m", "celery", "-A", "bench.celery_app", "beat", "-S", scheduler, "-l", "info",
-             "-f", str(log), "--pidfile=", "-s", str(self.logs / f"{run}-beat{index}-schedule")],
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench.celery_app",
+                "beat",
+                "-S",
+                scheduler,
+                "-l",
+                "info",
+                "-f",
+                str(log),
+                "--pidfile=",
+                "-s",
+                str(self.logs / f"{run}-beat{index}-schedule"),
+            ],
             self.logs / f"{run}-beat{index}.out",
         )
         _wait(lambda: log.exists() and "beat: Starting" in log.read_text(), 60, f"beat of {run} did not start")
@@ -243,8 +273,11 @@ class Bench:
             alarms.dispatch_many(
                 [
                     (
-                        Message.new("bench.hit", raw_request={"run": run, "n": first + n, "due": dues[n]},
-                                    id=f"{run}-{first + n}"),
+                        Message.new(
+                            "bench.hit",
+                            raw_request={"run": run, "n": first + n, "due": dues[n]},
+                            id=f"{run}-{first + n}",
+                        ),
                         f"agg-{n % 1000}",
                         _aware(dues[n]),
                     )
@@ -305,8 +338,8 @@ class Bench:
                         correlation_id, causation_id, aggregate_id, dispatch_at, state, attempt, timeout_ms,
                         created_at, updated_at)
                     SELECT 'far-' || n, %s, 'bench.hit', jsonb_build_object('run', 'far', 'n', n, 'due', 0),
-                        jsonb_build_object('dispatch_at', jsonb_build_object('$datetime',
-                            to_char(to_timestamp(%s + n * %s) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS') || '+00:00')),
+                        jsonb_build_object('dispatch_at', jsonb_build_object('$datetime', to_char(
+                            to_timestamp(%s + n * %s) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS') || '+00:00')),
                         'far-' || n, 'far-' || n, 'far-' || (n %% 1000), to_timestamp(%s + n * %s), 'pending', 0,
                         5000, now(), now()
                     FROM generate_series(0, %s - 1) AS n
@@ -461,7 +494,9 @@ class Bench:
         return None  # django-celery-beat disables a one-off task only at its next sync; ETA tasks live in the worker
 
     def _first_load_seconds(self, run: str) -> float | None:
-        found = re.search(r"loaded \d+ alarms of \S+ due until \S+ in ([\d.]+) s", (self.logs / f"{run}-beat0.log").read_text())
+        found = re.search(
+            r"loaded \d+ alarms of \S+ due until \S+ in ([\d.]+) s", (self.logs / f"{run}-beat0.log").read_text()
+        )
         return float(found.group(1)) if found else None
 
     # -- the API's own costs --------------------------------------------------------------------------
@@ -480,11 +515,14 @@ class Bench:
         at = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
         started = time.perf_counter()
         for n in range(count):
-            alarms.dispatch(Message.new("bench.hit", raw_request={"run": "api", "n": n, "due": 0}, id=f"one-{n}"),
-                            f"agg-{n}", at=at)
+            alarms.dispatch(
+                Message.new("bench.hit", raw_request={"run": "api", "n": n, "due": 0}, id=f"one-{n}"), f"agg-{n}", at=at
+            )
         one = (time.perf_counter() - started) / count
-        many = [(Message.new("bench.hit", raw_request={"run": "api", "n": n, "due": 0}, id=f"many-{n}"), f"agg-{n}", at)
-                for n in range(count * 20)]
+        many = [
+            (Message.new("bench.hit", raw_request={"run": "api", "n": n, "due": 0}, id=f"many-{n}"), f"agg-{n}", at)
+            for n in range(count * 20)
+        ]
         started = time.perf_counter()
         alarms.dispatch_many(many)
         per_second = len(many) / (time.perf_counter() - started)
@@ -493,8 +531,11 @@ class Bench:
         ref, message = store.AttemptRef.of_row(claimed[0]), store.message_from_row(claimed[0])
         with CaptureQueriesContext(connection) as queries:
             respond(ref, message, Response("ok", value=None), now)
-        return {"dispatch_ms": round(one * 1000, 3), "dispatch_many_per_s": round(per_second),
-                "hook_queries_ok": len(queries)}
+        return {
+            "dispatch_ms": round(one * 1000, 3),
+            "dispatch_many_per_s": round(per_second),
+            "hook_queries_ok": len(queries),
+        }
 
 
 def _aware(moment: float) -> dt.datetime:
@@ -564,7 +605,9 @@ def table(results: list[Result]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a small scale: 200/s × 5 s, bursts of 1,000, 20,000 pending")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small scale: 200/s × 5 s, bursts of 1,000, 20,000 pending"
+    )
     parser.add_argument("--rate", type=float, default=1_000)
     parser.add_argument("--seconds", type=float, default=100)
     parser.add_argument("--low-rate", type=float, default=250, help="a second steady row, within one worker's pace")
@@ -593,7 +636,9 @@ def main() -> None:
     results: list[Result] = []
     if "steady" in workloads:
         for system in [*systems, PLAIN]:
-            results.append(bench.run(f"steady {args.rate:g}/s × {args.seconds:g} s", system, steady(args.rate, args.seconds)))
+            results.append(
+                bench.run(f"steady {args.rate:g}/s × {args.seconds:g} s", system, steady(args.rate, args.seconds))
+            )
     if "steady" in workloads and args.low_rate:
         for system in [*systems, PLAIN]:
             results.append(

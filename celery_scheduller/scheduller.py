@@ -156,7 +156,6 @@ class Scheduller:
         now: dt.datetime | None = None,
     ) -> list[Message]:
         """Schedule many ``(message, aggregate_id, at)`` at once; every one is checked before any is saved."""
-        from . import store
 
         registry.check_served(type(self))
         now = now or _now()

@@ -323,7 +323,9 @@ def _end(ref: AttemptRef, state: str, response: Response, now: dt.datetime, deci
             decision,
         )
     with transaction.atomic():
-        changed = _published(ref).update(state=state, deadline=None, finished_at=now, last_response=last, updated_at=now)
+        changed = _published(ref).update(
+            state=state, deadline=None, finished_at=now, last_response=last, updated_at=now
+        )
         if changed:
             _record_attempt(ref, response, now, decision)
     return changed > 0

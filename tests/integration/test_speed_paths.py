@@ -65,9 +65,7 @@ def test_a_full_batch_is_followed_by_the_next_claim_at_once_not_by_the_poll(beat
     settings.CELERY_SCHEDULLER_POLL_INTERVAL = 60_000
     settings.CELERY_SCHEDULLER_BATCH_SIZE = 5
     past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
-    TestAlarms().dispatch_many(
-        [(Message.new("testapp.record", id=f"backlog-{n}"), "agg", past) for n in range(23)]
-    )
+    TestAlarms().dispatch_many([(Message.new("testapp.record", id=f"backlog-{n}"), "agg", past) for n in range(23)])
     scheduler = beat()
     delays = []
     started = time.monotonic()
@@ -120,7 +118,9 @@ def test_a_retry_is_one_round_trip_too_and_keeps_its_attempt_record():
 
 @postgres_only
 def test_a_stale_response_changes_nothing_in_one_statement():
-    ref, message = _published_attempt("stale-trip")
-    stale = store.AttemptRef(ref.pk, ref.message_id, ref.scheduller, ref.attempt, ref.deadline - dt.timedelta(seconds=1))
+    ref, _message = _published_attempt("stale-trip")
+    stale = store.AttemptRef(
+        ref.pk, ref.message_id, ref.scheduller, ref.attempt, ref.deadline - dt.timedelta(seconds=1)
+    )
     assert store.finish(stale, Response("ok"), dt.datetime.now(dt.UTC), keep_history=False) is False
     assert Alarm.objects.get(message_id="stale-trip").state == states.PUBLISHED
