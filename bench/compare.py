@@ -389,7 +389,7 @@ class Bench:
             result.scheduled_s = time.monotonic() - started
             if system != PLAIN and time.time() > dues[0]:
                 notes.append(f"scheduling ran {time.time() - dues[0]:.1f} s past the first due time")
-            self._drain(run, dues, result)
+            self._drain(run, dues)
             result.worker_cpu, result.worker_rss = worker.used()
             beat_procs = procs[1:]
             if beat_procs:
@@ -404,11 +404,13 @@ class Bench:
                     loads = self._first_load_seconds(run)
                     if loads is not None:
                         notes.append(f"beat's first window load {loads:.3f} s")
-            result.still_scheduled = self._still_scheduled(system, run)
         finally:
             sampler.done.set()
             for proc in reversed(procs):
                 proc.stop()
+        # counted once nothing runs any more: a task finishing meanwhile would be neither run nor scheduled
+        self._tally(run, dues, result)
+        result.still_scheduled = self._still_scheduled(system, run)
         result.note = "; ".join(note for note in notes if note)
         print(f"  {json.dumps(result.row())}", flush=True)
         return result
@@ -429,7 +431,7 @@ class Bench:
                     time.sleep(delay)
                 hit.apply_async(kwargs={"run": run, "n": n, "due": due}, producer=producer)
 
-    def _drain(self, run: str, dues: list[float], result: Result) -> None:
+    def _drain(self, run: str, dues: list[float]) -> None:
         give_up = max(dues) + self.args.drain
         key = f"hits:{run}"
         while time.time() < give_up:
@@ -437,12 +439,15 @@ class Bench:
                 break
             time.sleep(0.5)
         time.sleep(1.0)  # late duplicates
+
+    def _tally(self, run: str, dues: list[float], result: Result) -> None:
+        key = f"hits:{run}"
         starts = self._starts(key)
         total = self.hits.llen(key)
         result.lateness = [start - dues[n] for n, (start, _published) in starts.items()]
-        result.publish_lateness = [
-            published - dues[n] for n, (_start, published) in starts.items() if published is not None
-        ]
+        published = [published - dues[n] for n, (_start, published) in starts.items() if published is not None]
+        if published:
+            result.publish_lateness = published
         result.lost = len(dues) - len(starts)
         result.duplicates = total - len(starts)
 

@@ -87,7 +87,9 @@ class _TaskSender:
         soft_time_limit = options.pop("soft_time_limit", None)
         ignore_result = options.pop("ignore_result", None)
         options.pop("expires", None)
-        options = amqp.router.route(options, name, (), kwargs, self.app.tasks.get(name))
+        # as send_task does, the registered task instance (the stubs say class) goes to custom routers
+        task: Any = self.app.tasks.get(name)
+        options = amqp.router.route(options, name, (), kwargs, task)
         options["expiration"] = max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds())
         message = amqp.create_task_message(
             task_id,

@@ -358,7 +358,7 @@ def _update_and_record(
                 decision[:50],
             ],
         )
-        return cursor.rowcount > 0
+        return bool(cursor.rowcount > 0)
 
 
 def retry(
