@@ -630,7 +630,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rate, args.seconds, args.burst, args.pending, args.pending_rate = 200, 5, 1_000, 20_000, 100
-        args.low_rate, args.low_seconds, args.pending_seconds = 50, 5, 5
+        args.low_rate, args.pending_seconds = 0, 5
         args.background_budget, args.drain = 5, 20
     workloads = [name for name in args.workloads.split(",") if name]
     systems = [name for name in args.systems.split(",") if name]

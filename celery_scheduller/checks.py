@@ -14,8 +14,20 @@ from .conf import PREFIX, settings
 
 @register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """Serializer, Scheduller classes and time zone settings."""
-    return [*_check_serializers(), *_check_classes(), *_check_timezone()]
+    """Serializer, Scheduller classes, time zone and the package's own settings."""
+    return [*_check_serializers(), *_check_classes(), *_check_timezone(), *_check_values()]
+
+
+def _check_values() -> list[CheckMessage]:
+    from .exceptions import ConfigurationError
+
+    errors: list[CheckMessage] = []
+    for check in (settings.keep_finished, settings.max_in_flight):
+        try:
+            check()
+        except ConfigurationError as exc:
+            errors.append(Error(str(exc), id="celery_scheduller.E005"))
+    return errors
 
 
 def _check_serializers() -> list[CheckMessage]:

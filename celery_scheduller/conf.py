@@ -17,6 +17,10 @@ DEFAULTS: dict[str, Any] = {
     "POLL_INTERVAL": 500,
     # How many alarms one claim (one guarded UPDATE) takes at most.
     "BATCH_SIZE": 500,
+    # Most published attempts awaiting their answer, across all beats (None: no limit). Beyond it beat
+    # leaves due alarms pending in the database instead of queueing more than the workers can run
+    # before the attempts' deadlines pass.
+    "MAX_IN_FLIGHT": 1_000,
     # After ``service_responded`` raised or returned garbage, the alarm is tried again this much later (ms).
     "ERROR_BACKOFF": 10_000,
     # While a beat handles a timed-out attempt it holds it this long (ms); if that beat dies meanwhile,
@@ -66,6 +70,17 @@ class Settings:
 
             raise ConfigurationError(f"{PREFIX}KEEP_FINISHED must be None, seconds or a timedelta, got {value!r}")
         return dt.timedelta(seconds=value)
+
+    def max_in_flight(self) -> int | None:
+        """MAX_IN_FLIGHT checked: a positive integer, or None for no limit."""
+        value = self.MAX_IN_FLIGHT
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            from .exceptions import ConfigurationError
+
+            raise ConfigurationError(f"{PREFIX}MAX_IN_FLIGHT must be a positive integer or None, got {value!r}")
+        return value
 
     def keeps_history(self) -> bool:
         """True when ended alarms stay in the table for KEEP_FINISHED."""

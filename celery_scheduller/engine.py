@@ -31,6 +31,8 @@ logger = logging.getLogger("celery_scheduller")
 LISTEN_INTERVAL = 0.1
 #: Seconds between two claims of held alarms: batches a stream of due times.
 MIN_CLAIM_GAP = 0.02
+#: Seconds between looks at the number in flight while MAX_IN_FLIGHT holds claims back.
+THROTTLE_PAUSE = 0.05
 
 
 class PublishFailed(Exception):
@@ -156,6 +158,7 @@ class AlarmEngine:
         self._sender = _TaskSender(app)
         self._backlog = False
         self._claimed_at = float("-inf")
+        self._throttled = False
 
     def tick(self, now: float, producer: Any) -> float:
         """One pass at ``now`` (epoch seconds); returns the seconds until the next pass is needed."""
@@ -167,8 +170,10 @@ class AlarmEngine:
         self._hold_announced(names)
         polling = now >= self.next_poll_at
         more = False
-        # a full batch last time means more is due now: claim again without waiting for the poll
-        if self.heap.pop_due(now) or polling or self._backlog:
+        # a full batch last time means more is due now: claim again without waiting for the poll;
+        # held back by MAX_IN_FLIGHT, look again after a short pause
+        waited = self._throttled and now >= self._claimed_at + THROTTLE_PAUSE
+        if self.heap.pop_due(now) or polling or self._backlog or waited:
             more = self._backlog = self._publish_due(names, to_datetime(now), producer)
             self._claimed_at = now
         if polling:
@@ -184,6 +189,7 @@ class AlarmEngine:
             now,
             now + LISTEN_INTERVAL if self.listener.available else None,
             self._next_claim(),
+            self._claimed_at + THROTTLE_PAUSE if self._throttled else None,
             self.next_poll_at,
             self.next_record_at,
             self.next_prune_at,
@@ -279,6 +285,15 @@ class AlarmEngine:
         """Claim one batch of due alarms and publish it; True when the batch was full."""
         limit = settings.positive_ms("BATCH_SIZE")
         started = time.perf_counter()
+        self._throttled = False
+        cap = settings.max_in_flight()
+        capped = False
+        if cap is not None:
+            room = cap - store.count_in_flight(names, cap)
+            if room <= 0:
+                self._throttled = True
+                return False
+            capped, limit = room < limit, min(limit, room)
         rows = store.claim_due(names, now, limit)
         if not rows:
             return False
@@ -314,6 +329,9 @@ class AlarmEngine:
             time.perf_counter() - claimed,
             extra={"action": "published", "count": len(sent)},
         )
+        if capped and len(rows) == limit:
+            self._throttled = True  # more may be due: wait for answers before the next claim
+            return False
         return len(rows) == limit
 
     def _publish(

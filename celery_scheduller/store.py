@@ -207,6 +207,11 @@ def due_times_between(
     return rows
 
 
+def count_in_flight(schedullers: Sequence[str], up_to: int) -> int:
+    """How many attempts of these Schedullers are published and unanswered, counting at most ``up_to``."""
+    return Alarm.objects.filter(state=states.PUBLISHED, scheduller__in=schedullers).values("pk")[:up_to].count()
+
+
 def claim_due(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[dict[str, Any]]:
     """Claim up to ``limit`` pending alarms due at ``now``: pending → published, attempt + 1.
 

@@ -124,3 +124,31 @@ def test_a_stale_response_changes_nothing_in_one_statement():
     )
     assert store.finish(stale, Response("ok"), dt.datetime.now(dt.UTC), keep_history=False) is False
     assert Alarm.objects.get(message_id="stale-trip").state == states.PUBLISHED
+
+
+def test_beat_keeps_at_most_max_in_flight_attempts_published_and_claims_more_as_answers_come(beat, settings):
+    settings.CELERY_SCHEDULLER_MAX_IN_FLIGHT = 4  # testapp.stale goes to a queue no worker here consumes
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    TestAlarms().dispatch_many([(Message.new("testapp.stale", id=f"capped-{n}"), "agg", past) for n in range(10)])
+    scheduler = beat()
+    delay = scheduler.tick_alarms(time.time())
+    published = Alarm.objects.filter(message_id__startswith="capped-", state=states.PUBLISHED)
+    assert published.count() == 4 and scheduler.alarm_engine.published == 4
+    assert 0 < delay <= 0.05  # looks again shortly, not at the next poll
+    time.sleep(delay)
+    scheduler.tick_alarms(time.time())
+    assert scheduler.alarm_engine.published == 4  # nobody answered: nothing more goes out
+    for row in published.values(*store.ROW_FIELDS)[:3]:  # three answers come back
+        respond(store.AttemptRef.of_row(row), store.message_from_row(row), Response("ok"), dt.datetime.now(dt.UTC))
+    time.sleep(0.06)
+    scheduler.tick_alarms(time.time())
+    assert scheduler.alarm_engine.published == 7
+    assert Alarm.objects.filter(message_id__startswith="capped-", state=states.PUBLISHED).count() == 4
+
+
+def test_a_bad_max_in_flight_is_a_system_check_error(settings):
+    from celery_scheduller.checks import check_settings
+
+    settings.CELERY_SCHEDULLER_MAX_IN_FLIGHT = "many"
+    errors = [error for error in check_settings() if error.id == "celery_scheduller.E005"]
+    assert len(errors) == 1 and "MAX_IN_FLIGHT" in errors[0].msg
