@@ -145,7 +145,7 @@ class Scheduller:
         rolls back with the caller's data.
         """
         registry.check_served(type(self))
-        scheduled = self._prepare(message, aggregate_id, at, in_ms, now or _now())
+        scheduled, _raw, _assigns = self._prepare_encoded(message, aggregate_id, at, in_ms, now or _now())
         self.save_alarm(scheduled, aggregate_id)
         return scheduled
 
@@ -240,16 +240,6 @@ class Scheduller:
         return cancelled
 
     # -- internals ---------------------------------------------------------------------------------
-
-    def _prepare(
-        self,
-        message: Message,
-        aggregate_id: str,
-        at: dt.datetime | None,
-        in_ms: int | None,
-        now: dt.datetime,
-    ) -> Message:
-        return self._prepare_encoded(message, aggregate_id, at, in_ms, now)[0]
 
     def _prepare_encoded(
         self,

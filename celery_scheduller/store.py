@@ -316,12 +316,9 @@ def _end(ref: AttemptRef, state: str, response: Response, now: dt.datetime, deci
     """Keep the alarm as history in the ended ``state``, recording its last attempt."""
     last = response.to_json()
     if connection.vendor == "postgresql":
-        where, params = _published_sql(ref)
         return _update_and_record(
             "state = %s, deadline = NULL, finished_at = %s, last_response = %s, updated_at = %s",
             [state, now, json.dumps(last), now],
-            where,
-            params,
             ref,
             response,
             now,
@@ -337,16 +334,10 @@ def _end(ref: AttemptRef, state: str, response: Response, now: dt.datetime, deci
 
 
 def _update_and_record(
-    assignments: str,
-    values: list[Any],
-    where: str,
-    params: list[Any],
-    ref: AttemptRef,
-    response: Response,
-    now: dt.datetime,
-    decision: str,
+    assignments: str, values: list[Any], ref: AttemptRef, response: Response, now: dt.datetime, decision: str
 ) -> bool:
-    """PostgreSQL: the guarded UPDATE and the attempt's history row in one statement (one round trip)."""
+    """PostgreSQL: the guarded UPDATE of ``ref`` and the attempt's history row in one statement."""
+    where, params = _published_sql(ref)
     with connection.cursor() as cursor:
         cursor.execute(
             f"WITH changed AS (UPDATE {_ALARM} SET {assignments} WHERE {where} RETURNING message_id) "
@@ -377,7 +368,6 @@ def retry(
 ) -> bool:
     """Store ``message`` as the alarm's next attempt at ``dispatch_at``, if ``ref`` is still current."""
     if connection.vendor == "postgresql" and response is not None:
-        where, params = _published_sql(ref)
         return _update_and_record(
             "state = %s, task_name = %s, raw_request = %s, assigns = %s, dispatch_at = %s, timeout_ms = %s, "
             "deadline = NULL, last_response = %s, updated_at = %s",
@@ -391,8 +381,6 @@ def retry(
                 json.dumps(response.to_json()),
                 now,
             ],
-            where,
-            params,
             ref,
             response,
             now,
