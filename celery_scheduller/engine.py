@@ -60,6 +60,12 @@ def _batch(producer: Any, size: int) -> Any:
     return batch(max_size=max(1, size)) if batch is not None else contextlib.nullcontext()
 
 
+def _merged(into: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Celery's ``lpmerge``: ``options`` over ``into``, except where an option is None."""
+    into.update((key, value) for key, value in options.items() if value is not None)
+    return into
+
+
 class _TaskSender:
     """``app.send_task`` for beat's loop: the same message, routing, task options and publish
     signals, with the configuration read once instead of on every call (several times per alarm,
@@ -71,6 +77,7 @@ class _TaskSender:
         self._sent_event: bool | None = None
         self._declared_on: Any = None
         self._declared: set[object] = set()
+        self._default_queue: str | None = None
 
     def send(
         self,
@@ -91,7 +98,7 @@ class _TaskSender:
         options.pop("expires", None)
         # as send_task does, the registered task instance (the stubs say class) goes to custom routers
         task: Any = self.app.tasks.get(name)
-        options = amqp.router.route(options, name, (), kwargs, task)
+        options = self._route(options, name, kwargs, task)
         options["expiration"] = max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds())
         message = amqp.create_task_message(
             task_id,
@@ -118,6 +125,20 @@ class _TaskSender:
         with producer.connection._reraise_as_library_errors():
             amqp.send_task_message(producer, name, message, retry=False, **options)
         self._declared.add(queue_name)
+
+    def _route(self, options: dict[str, Any], name: str, kwargs: dict[str, Any], task: Any) -> dict[str, Any]:
+        """``Router.route`` with the default queue read once: it reads it from the config per message."""
+        router: Any = self.app.amqp.router
+        options = router.expand_destination(options)
+        if router.routes:
+            route = router.lookup_route(name, (), kwargs, options, task)
+            if route:
+                return _merged(router.expand_destination(route), options)
+        if "queue" not in options:
+            if self._default_queue is None:
+                self._default_queue = self.app.conf.task_default_queue
+            options = _merged(router.expand_destination(self._default_queue), options)
+        return options
 
     def _task_options(self, name: str) -> dict[str, Any]:
         """The registered task's own options (queue, priority, time limits…), as send_task applies them."""

@@ -20,7 +20,7 @@ from typing import Any
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import signals, states
 
-from .message import Message, Response
+from .message import Message, Response, compact_json
 from .store import AttemptRef
 
 logger = logging.getLogger("celery_scheduller")
@@ -46,7 +46,7 @@ def task_id_of(message_id: str, attempt: int) -> str:
 
 def header_of(ref: AttemptRef, message: Message) -> dict[str, str]:
     """The headers that mark a task as the delivery of ``ref``."""
-    return {HEADER: json.dumps({"ref": ref.to_json(), "message": message.to_json()}, separators=(",", ":"))}
+    return {HEADER: compact_json({"ref": ref.to_json(), "message": message.to_json()})}
 
 
 def _read_header(request: Any) -> tuple[AttemptRef, Message] | None:

@@ -22,12 +22,56 @@ Status = Literal["ok", "error", "timeout"]
 STATUSES: tuple[Status, ...] = ("ok", "error", "timeout")
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def compact_json(value: Any) -> str:
+    """``value`` (JSON-native) as JSON without spaces; one shared encoder, not one per call."""
+    return _COMPACT.encode(value)
+
+
 def to_json_value(value: Any, where: str = "value") -> Any:
     """Return ``value`` as JSON-native data, aware datetimes tagged so they come back as datetimes.
 
     Raises ``InvalidAlarm`` naming ``where`` for anything JSON cannot carry (sets, objects, naive
     datetimes, non-string keys), so bad input fails where it is given, never later in beat.
     """
+    try:
+        return _plain_json_value(value)
+    except _NotPlain:
+        return _json_value(value, where)
+
+
+class _NotPlain(Exception):
+    """A value ``_plain_json_value`` leaves to ``_json_value``: a subclass, or one to refuse by name."""
+
+
+_INFINITIES = (float("inf"), float("-inf"))
+
+
+def _plain_json_value(value: Any) -> Any:
+    """``to_json_value`` for the built-in types only, naming no path: the hot path of ``dispatch_many``."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is dict:
+        out = {}
+        for key, item in value.items():
+            if type(key) is not str or key == DATETIME_TAG:
+                raise _NotPlain
+            out[key] = _plain_json_value(item)
+        return out
+    if kind is list or kind is tuple:
+        return [_plain_json_value(item) for item in value]
+    if kind is float and value == value and value not in _INFINITIES:
+        return value
+    if kind is dt.datetime and value.utcoffset() is not None:
+        return {DATETIME_TAG: value.astimezone(dt.UTC).isoformat()}
+    raise _NotPlain
+
+
+def _json_value(value: Any, where: str) -> Any:
+    """``to_json_value`` for any value, naming ``where`` in the error it raises."""
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -47,10 +91,10 @@ def to_json_value(value: Any, where: str = "value") -> Any:
                 raise InvalidAlarm(f"{where}: key {key!r} is not a string; JSON objects have string keys")
             if key == DATETIME_TAG:
                 raise InvalidAlarm(f"{where}: the key {DATETIME_TAG!r} is reserved")
-            out[key] = to_json_value(item, f"{where}[{key!r}]")
+            out[key] = _json_value(item, f"{where}[{key!r}]")
         return out
     if isinstance(value, (list, tuple)):
-        return [to_json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [_json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
     raise InvalidAlarm(f"{where}: {type(value).__name__} {value!r} is not JSON-serializable")
 
 
@@ -152,7 +196,13 @@ class Message:
 
     def assign(self, key: str, value: Any) -> Message:
         """Return a copy with ``assigns[key] = value``."""
-        return dataclasses.replace(self, assigns={**self.assigns, key: value})
+        return self._with_assigns({**self.assigns, key: value})
+
+    def _with_assigns(self, assigns: dict[str, Any]) -> Message:
+        # the constructor, not dataclasses.replace: dispatch_many assigns per alarm
+        return Message(
+            self.service_name, self.raw_request, self.id, self.correlation_id, self.causation_id, assigns, self.response
+        )
 
     def with_response(self, response: Response | None) -> Message:
         """Return a copy carrying ``response``."""
@@ -192,7 +242,7 @@ class Message:
 
     def dumps(self) -> str:
         """The message as one JSON string."""
-        return json.dumps(self.to_json(), separators=(",", ":"))
+        return compact_json(self.to_json())
 
     @classmethod
     def loads(cls, text: str) -> Message:

@@ -16,12 +16,19 @@ logger = logging.getLogger("celery_scheduller")
 CHANNEL = "celery_scheduller"
 
 
+def supported() -> bool:
+    """True when the database carries announcements (PostgreSQL)."""
+    from django.db import connection
+
+    return connection.vendor == "postgresql"
+
+
 def announce(scheduller: str, earliest: dt.datetime, latest: dt.datetime) -> None:
     """Tell listening beats that ``scheduller`` has new alarms due from ``earliest`` to ``latest``
     (PostgreSQL only; delivered when the caller's transaction commits)."""
     from django.db import connection
 
-    if connection.vendor != "postgresql":
+    if not supported():
         return
     payload = f"{earliest.timestamp()!r} {latest.timestamp()!r} {scheduller}"
     with connection.cursor() as cursor:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Final, final
 
 from . import registry
 from .conf import settings
 from .exceptions import InvalidAlarm
-from .message import Message, to_json_value
+from .message import Message, compact_json, to_json_value
 
 
 @final
@@ -97,7 +96,7 @@ class Scheduller:
 
         Overrides must call ``super().save_alarm``: beat claims and publishes from the package's table.
         """
-        self._insert([self._new_alarm(message, aggregate_id)])
+        self._insert(self._new_alarms([(message, aggregate_id, None, None)]))
 
     def _insert(self, alarms: list[Any]) -> None:
         """Store new alarms; announce the earliest to listening beats when it may be in a loaded window."""
@@ -114,6 +113,8 @@ class Scheduller:
         """Tell listening beats of alarms now due in ``[earliest, latest]`` if they may be in a loaded window."""
         from . import notify
 
+        if not notify.supported():
+            return
         try:
             interval = int(self.in_memory_interval())
         except Exception:
@@ -145,8 +146,11 @@ class Scheduller:
         rolls back with the caller's data.
         """
         registry.check_served(type(self))
-        scheduled, _raw, _assigns = self._prepare_encoded(message, aggregate_id, at, in_ms, now or _now())
-        self.save_alarm(scheduled, aggregate_id)
+        scheduled, raw_json, assigns_json = self._prepare_encoded(message, aggregate_id, at, in_ms, now or _now())
+        if type(self).save_alarm is Scheduller.save_alarm:  # store the JSON the checks encoded
+            self._insert(self._new_alarms([(scheduled, aggregate_id, raw_json, assigns_json)]))
+        else:
+            self.save_alarm(scheduled, aggregate_id)
         return scheduled
 
     def dispatch_many(
@@ -169,10 +173,10 @@ class Scheduller:
         ]
         if type(self).save_alarm is Scheduller.save_alarm:
             self._insert(
-                [
-                    self._new_alarm(message, aggregate_id, raw_json, assigns_json)
+                self._new_alarms(
+                    (message, aggregate_id, raw_json, assigns_json)
                     for (message, raw_json, assigns_json), aggregate_id in prepared
-                ]
+                )
             )
         else:
             for (message, _raw, _assigns), aggregate_id in prepared:
@@ -263,12 +267,13 @@ class Scheduller:
         dispatch_at = due_time(at, in_ms, now)
         if check_task:
             _check_task(message.service_name)
-        scheduled = message.assign("dispatch_at", dispatch_at)
+        assigns = {**message.assigns, "dispatch_at": dispatch_at}
         if dispatch_at < now:
-            scheduled = scheduled.assign("late", True)
+            assigns["late"] = True
+        scheduled = message._with_assigns(assigns)
         # raise InvalidAlarm naming a field JSON cannot carry
-        raw_json = json.dumps(to_json_value(scheduled.raw_request, "raw_request"), separators=(",", ":"))
-        assigns_json = json.dumps(to_json_value(scheduled.assigns, "assigns"), separators=(",", ":"))
+        raw_json = compact_json(to_json_value(scheduled.raw_request, "raw_request"))
+        assigns_json = compact_json(to_json_value(scheduled.assigns, "assigns"))
         size = (
             len(raw_json)
             + len(assigns_json)
@@ -284,14 +289,15 @@ class Scheduller:
             )
         return scheduled, raw_json, assigns_json
 
-    def _new_alarm(
-        self, message: Message, aggregate_id: str, raw_json: str | None = None, assigns_json: str | None = None
-    ) -> Any:
+    def _new_alarms(self, prepared: Iterable[tuple[Message, str, str | None, str | None]]) -> list[Any]:
+        """``store.NewAlarm`` of each ``(message, aggregate_id, raw_json, assigns_json)``."""
         from . import store
 
-        return store.NewAlarm(
-            self.scheduller_name(), message, aggregate_id, self._timeout_of(message), raw_json, assigns_json
-        )
+        name = self.scheduller_name()
+        return [
+            store.NewAlarm(name, message, aggregate_id, self._timeout_of(message), raw_json, assigns_json)
+            for message, aggregate_id, raw_json, assigns_json in prepared
+        ]
 
     def _timeout_of(self, message: Message) -> int:
         timeout = self.dispatch_timeout(message)

@@ -44,6 +44,17 @@ _ALARM = Alarm._meta.db_table
 _ATTEMPT = AlarmAttempt._meta.db_table
 
 
+def _bound_cursor() -> Any:
+    """PostgreSQL: a Django cursor (logged and counted like any other) over psycopg's server-binding
+    cursor. Parameters travel apart from the SQL, so a statement run again and again on one connection
+    is prepared once (psycopg's ``prepare_threshold``) instead of quoted in Python and planned per call:
+    the worker's hook and beat's claim run the same few statements for every alarm."""
+    import psycopg
+
+    connection.ensure_connection()
+    return connection._prepare_cursor(psycopg.Cursor(connection.connection))  # type: ignore[attr-defined]
+
+
 class ClaimConflict(Exception):
     """A guarded update changed fewer rows than were locked for it; the whole claim is rolled back."""
 
@@ -251,7 +262,7 @@ def claim_due(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[
 def _claim_due_postgresql(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[dict[str, Any]]:
     """``claim_due`` as one statement: lock (skipping rows other beats hold), update, return."""
     columns = ", ".join("id" if field == "pk" else field for field in ROW_FIELDS)
-    with connection.cursor() as cursor:
+    with _bound_cursor() as cursor:
         cursor.execute(
             f"UPDATE {_ALARM} SET state = %s, attempt = attempt + 1, published_at = %s, "
             "deadline = %s + timeout_ms * interval '1 millisecond', updated_at = %s "
@@ -288,7 +299,7 @@ def finish(ref: AttemptRef, response: Response, now: dt.datetime, keep_history: 
     if connection.vendor == "postgresql":
         # the alarm and its history in one round trip: the worker's hook runs this for every task
         where, params = _published_sql(ref)
-        with connection.cursor() as cursor:
+        with _bound_cursor() as cursor:
             cursor.execute(
                 f"WITH gone AS (DELETE FROM {_ALARM} WHERE {where} RETURNING message_id), "
                 f"history AS (DELETE FROM {_ATTEMPT} WHERE %s > 1 AND message_id IN (SELECT message_id FROM gone)) "
@@ -338,7 +349,7 @@ def _update_and_record(
 ) -> bool:
     """PostgreSQL: the guarded UPDATE of ``ref`` and the attempt's history row in one statement."""
     where, params = _published_sql(ref)
-    with connection.cursor() as cursor:
+    with _bound_cursor() as cursor:
         cursor.execute(
             f"WITH changed AS (UPDATE {_ALARM} SET {assignments} WHERE {where} RETURNING message_id) "
             f"INSERT INTO {_ATTEMPT} (message_id, attempt, published_at, responded_at, status, error, decision) "

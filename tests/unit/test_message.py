@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections import OrderedDict, UserDict
+from enum import IntEnum
 
 import pytest
 
 from celery_scheduller import OK, InvalidAlarm, InvalidResponse, Message, Response, Retry
+from celery_scheduller.message import to_json_value
 from celery_scheduller.scheduller import due_time, validate_decision
 
 NOW = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+NAIVE = dt.datetime(2030, 1, 1)  # noqa: DTZ001 - the bad input under test
 
 
 def test_new_generates_an_id_and_defaults_correlation_ids_to_it():
@@ -55,6 +59,33 @@ def test_json_round_trip_keeps_aware_datetimes_and_the_response():
 def test_values_json_cannot_carry_are_refused(value, error):
     with pytest.raises(InvalidAlarm, match=error):
         Message.new("t", value).to_json()
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ({"a": {"b": [1, {2: "x"}]}}, r"raw_request\['a'\]\['b'\]\[1\]: key 2 is not a string"),
+        ({"a": [0, float("inf")]}, r"raw_request\['a'\]\[1\]: inf is not valid JSON"),
+        ({"a": {"b": NAIVE}}, r"raw_request\['a'\]\['b'\]: naive datetime"),
+        ({"a": [{"$datetime": "x"}]}, r"raw_request\['a'\]\[0\]: the key '\$datetime' is reserved"),
+        ({"a": {1, 2}}, r"raw_request\['a'\]: set"),
+    ],
+)
+def test_a_refused_value_is_named_by_its_path(value, error):
+    with pytest.raises(InvalidAlarm, match=error):
+        to_json_value(value, "raw_request")
+
+
+class _Tag(str):
+    pass
+
+
+def test_subclasses_of_json_types_encode_like_their_base_types():
+    when = dt.datetime(2030, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    value = OrderedDict(a=(1, _Tag("x")), b=[when], c=UserDict({"d": True}), e=IntEnum("E", "ONE").ONE)
+    encoded = to_json_value(value)
+    assert encoded == {"a": [1, "x"], "b": [{"$datetime": "2029-12-31T22:00:00+00:00"}], "c": {"d": True}, "e": 1}
+    assert type(encoded) is dict and type(encoded["a"]) is list
 
 
 def test_response_ok_is_status_ok():
