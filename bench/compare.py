@@ -1,6 +1,6 @@
 """celery_scheduller beside Celery ETA tasks and django-celery-beat one-off tasks, in one run.
 
-    python bench/compare.py              # every workload, every system (about 25 minutes)
+    python bench/compare.py              # every workload, every system (about 40 minutes)
     python bench/compare.py --quick      # the same at a small scale, to check the benchmark runs
 
 Every system runs the same task (``bench.hit``: it records when it started) on the same PostgreSQL,
@@ -10,11 +10,13 @@ the wall time the client took to schedule the alarms. Workloads:
 
 - ``steady``: ``--rate`` alarms per second due over ``--seconds`` seconds (default 1,000/s × 100 s), and
   ``--low-rate`` over ``--low-seconds`` (default 250/s × 30 s: within what one worker process runs here);
-- ``burst``: ``--burst`` alarms (default 10,000) due within the same second;
+- ``burst``: ``--burst`` alarms (default 10,000) due within the same second; for celery_scheduller a
+  second time without ``MAX_IN_FLIGHT`` ("no in-flight cap"), to show how fast beat itself publishes;
 - ``pending``: ``--pending`` alarms (default 1,000,000) due over the next days while ``--pending-rate``
   per second (default 500) come due over ``--pending-seconds`` (default 60). The alternatives get as much
   of the background as they can schedule in ``--background-budget`` seconds; the table says how much.
-- ``beats``: the burst published by 1, 2 and 3 of our beats at once (``--beats``), for scaling.
+- ``beats``: twice the burst published by 1, 2 and 3 of our beats at once (``--beats``), without the
+  in-flight cap, for scaling.
 
 Plus a reference run of plain ``apply_async`` (no delay) at the steady rate: the worker CPU per task
 the others are compared with. A system that has not run an alarm ``--drain`` seconds after the last
@@ -226,7 +228,7 @@ class Bench:
         _wait(lambda: self.hits.get(key) is not None, 60, f"worker of {run} did not start; see {proc.log}")
         return proc
 
-    def beat(self, run: str, scheduler: str, index: int = 0) -> Proc:
+    def beat(self, run: str, scheduler: str, index: int = 0, env: dict[str, str] | None = None) -> Proc:
         log = self.logs / f"{run}-beat{index}.log"
         proc = Proc(
             "beat",
@@ -248,6 +250,7 @@ class Bench:
                 str(self.logs / f"{run}-beat{index}-schedule"),
             ],
             self.logs / f"{run}-beat{index}.out",
+            env,
         )
         _wait(lambda: log.exists() and "beat: Starting" in log.read_text(), 60, f"beat of {run} did not start")
         return proc
@@ -356,10 +359,14 @@ class Bench:
 
     # -- one run ------------------------------------------------------------------------------------
 
-    def run(self, workload: str, system: str, dues: list[float], *, pending: int = 0, beats: int = 1) -> Result:
+    def run(
+        self, workload: str, system: str, dues: list[float], *, pending: int = 0, beats: int = 1, capped: bool = True
+    ) -> Result:
         self.runs += 1
         run = f"r{self.runs}"
         label = system if beats == 1 else f"{system} × {beats} beats"
+        if not capped:
+            label += ", no in-flight cap"
         print(f"· {workload}: {label}, {len(dues):,} alarms", flush=True)
         self.reset()
         result = Result(workload, label, len(dues))
@@ -372,7 +379,8 @@ class Bench:
         procs = [worker]
         scheduler = {OURS: "celery_scheduller", DCB: "django_celery_beat.schedulers:DatabaseScheduler"}.get(system)
         if scheduler:
-            procs += [self.beat(run, scheduler, index) for index in range(beats)]
+            env = {} if capped else {"BENCH_MAX_IN_FLIGHT": "none"}
+            procs += [self.beat(run, scheduler, index, env) for index in range(beats)]
         sampler = Sampler(procs)
         sampler.start()
         try:
@@ -656,6 +664,8 @@ def main() -> None:
     if "burst" in workloads:
         for system in systems:
             results.append(bench.run(f"burst {args.burst:,} in 1 s", system, burst(args.burst)))
+        if OURS in systems:  # beat's own publishing pace, the worker's left out of the way
+            results.append(bench.run(f"burst {args.burst:,} in 1 s", OURS, burst(args.burst), capped=False))
     if "pending" in workloads:
         for system in systems:
             results.append(
@@ -668,7 +678,9 @@ def main() -> None:
             )
     if "beats" in workloads and args.beats:
         for beats in [int(b) for b in args.beats.split(",")]:
-            results.append(bench.run(f"burst {args.burst * 2:,} in 1 s", OURS, burst(args.burst * 2), beats=beats))
+            results.append(
+                bench.run(f"burst {args.burst * 2:,} in 1 s", OURS, burst(args.burst * 2), beats=beats, capped=False)
+            )
     costs = bench.api_costs(200 if args.quick else 1_000)
     print()
     print(table(results))

@@ -41,4 +41,8 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = True
 CELERY_SCHEDULLER_CLASSES = ["bench.alarms.BenchAlarms"]
 # the seed's default: a finished alarm leaves the table
 CELERY_SCHEDULLER_KEEP_FINISHED = None
+# BENCH_MAX_IN_FLIGHT=none: beat publishes as fast as it can, for the rows that measure beat alone
+CELERY_SCHEDULLER_MAX_IN_FLIGHT = (
+    None if os.environ.get("BENCH_MAX_IN_FLIGHT") == "none" else int(os.environ.get("BENCH_MAX_IN_FLIGHT", "1000"))
+)
 CELERY_SCHEDULLER_POLL_INTERVAL = int(os.environ.get("BENCH_POLL_INTERVAL", "500"))
