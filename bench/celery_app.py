@@ -11,3 +11,25 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.settings")
 app = Celery("bench")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["bench"])
+
+# bench/worker_cost.py only: take parts of the result hook out of the worker to see what each costs.
+if os.environ.get("BENCH_HOOK") in ("off", "no-write"):
+    from celery.signals import worker_ready
+
+    @worker_ready.connect
+    def _strip_hook(**_: object) -> None:
+        from celery import signals
+
+        from celery_scheduller import store
+
+        if os.environ["BENCH_HOOK"] == "off":
+            for name in ("prerun", "postrun", "failure"):
+                getattr(signals, f"task_{name}").disconnect(dispatch_uid=f"celery_scheduller.{name}")
+        else:
+            store.finish = lambda *args, **kwargs: True  # type: ignore[assignment]
+
+
+# Celery's Django fixup closes every database connection before and after each task, CONN_MAX_AGE or
+# not, unless CELERY_DB_REUSE_MAX says after how many tasks (bench/worker_cost.py --connections).
+if os.environ.get("BENCH_DB_CONNECTIONS") == "persistent-reuse":
+    app.conf.CELERY_DB_REUSE_MAX = 1_000_000

@@ -41,6 +41,11 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = True
 CELERY_SCHEDULLER_CLASSES = ["bench.alarms.BenchAlarms"]
 # the seed's default: a finished alarm leaves the table
 CELERY_SCHEDULLER_KEEP_FINISHED = None
+# BENCH_DB_CONNECTIONS (bench/worker_cost.py --connections): "pool" (above), or "persistent" /
+# "persistent-reuse" (CONN_MAX_AGE = None, without / with Celery's CELERY_DB_REUSE_MAX; see celery_app.py)
+if os.environ.get("BENCH_DB_CONNECTIONS", "pool") != "pool":
+    DATABASES["default"]["OPTIONS"] = {}
+    DATABASES["default"]["CONN_MAX_AGE"] = None
 # BENCH_MAX_IN_FLIGHT=none: beat publishes as fast as it can, for the rows that measure beat alone
 CELERY_SCHEDULLER_MAX_IN_FLIGHT = (
     None if os.environ.get("BENCH_MAX_IN_FLIGHT") == "none" else int(os.environ.get("BENCH_MAX_IN_FLIGHT", "1000"))
