@@ -18,7 +18,7 @@ from django.db import connection, transaction
 from django.db.models import F, Q, QuerySet
 
 from . import states
-from .message import Message, Response, from_json_value, to_json_value
+from .message import Message, Response, compact_json, from_json_value, to_json_value
 from .models import Alarm, AlarmAttempt, BeatRecord
 
 #: The columns beat and the hooks need to rebuild a Message and address its attempt.
@@ -173,27 +173,24 @@ def _insert_postgresql(alarms: Sequence[NewAlarm], batch_size: int) -> None:
     with psycopg.Cursor(connection.connection) as cursor:
         for start in range(0, len(alarms), batch_size):
             batch = alarms[start : start + batch_size]
-            columns: list[list[Any]] = [[] for _ in range(10)]
-            for new in batch:
-                message = new.message
-                for column, value in zip(
-                    columns,
-                    (
-                        message.id,
-                        new.scheduller,
-                        message.service_name,
-                        new.raw_json or json.dumps(to_json_value(message.raw_request, "raw_request")),
-                        new.assigns_json or json.dumps(to_json_value(message.assigns, "assigns")),
-                        message.correlation_id,
-                        message.causation_id,
-                        new.aggregate_id,
-                        message.assigns["dispatch_at"],
-                        new.timeout_ms,
-                    ),
-                    strict=True,
-                ):
-                    column.append(value)
+            messages = [new.message for new in batch]
+            columns = [
+                [message.id for message in messages],
+                [new.scheduller for new in batch],
+                [message.service_name for message in messages],
+                [new.raw_json or _compact(new.message.raw_request, "raw_request") for new in batch],
+                [new.assigns_json or _compact(new.message.assigns, "assigns") for new in batch],
+                [message.correlation_id for message in messages],
+                [message.causation_id for message in messages],
+                [new.aggregate_id for new in batch],
+                [message.assigns["dispatch_at"] for message in messages],
+                [new.timeout_ms for new in batch],
+            ]
             cursor.execute(sql, [states.PENDING, *columns])
+
+
+def _compact(value: Any, where: str) -> str:
+    return compact_json(to_json_value(value, where))
 
 
 def pending_between(
