@@ -44,7 +44,7 @@ _ALARM = Alarm._meta.db_table
 _ATTEMPT = AlarmAttempt._meta.db_table
 
 
-def _bound_cursor() -> Any:
+def _bound_cursor(*, binary: bool = False) -> Any:
     """PostgreSQL: a Django cursor (logged and counted like any other) over psycopg's server-binding
     cursor. Parameters travel apart from the SQL, so a statement run again and again on one connection
     is prepared once (psycopg's ``prepare_threshold``) instead of quoted in Python and planned per call:
@@ -52,7 +52,10 @@ def _bound_cursor() -> Any:
     import psycopg
 
     connection.ensure_connection()
-    return connection._prepare_cursor(psycopg.Cursor(connection.connection))  # type: ignore[attr-defined]
+    cursor = psycopg.Cursor(connection.connection)
+    if binary:  # results in binary: no text parsing of timestamps, JSON decoded by psycopg
+        cursor.format = psycopg.pq.Format.BINARY
+    return connection._prepare_cursor(cursor)  # type: ignore[attr-defined]
 
 
 class ClaimConflict(Exception):
@@ -259,7 +262,7 @@ def claim_due(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[
 def _claim_due_postgresql(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[dict[str, Any]]:
     """``claim_due`` as one statement: lock (skipping rows other beats hold), update, return."""
     columns = ", ".join("id" if field == "pk" else field for field in ROW_FIELDS)
-    with _bound_cursor() as cursor:
+    with _bound_cursor(binary=True) as cursor:
         cursor.execute(
             f"UPDATE {_ALARM} SET state = %s, attempt = attempt + 1, published_at = %s, "
             "deadline = %s + timeout_ms * interval '1 millisecond', updated_at = %s "
@@ -271,7 +274,7 @@ def _claim_due_postgresql(schedullers: Sequence[str], now: dt.datetime, limit: i
         rows = [dict(zip(ROW_FIELDS, values, strict=True)) for values in cursor.fetchall()]
     for row in rows:
         for field in ("raw_request", "assigns"):
-            if isinstance(row[field], str):  # Django leaves JSON columns undecoded on a raw cursor
+            if isinstance(row[field], str):  # decoded by psycopg in binary; a text-format loader leaves a str
                 row[field] = json.loads(row[field])
     rows.sort(key=lambda row: row["dispatch_at"])
     return rows
