@@ -146,12 +146,9 @@ class Scheduller:
         rolls back with the caller's data.
         """
         registry.check_served(type(self))
-        scheduled, raw_json, assigns_json = self._prepare_encoded(message, aggregate_id, at, in_ms, now or _now())
-        if type(self).save_alarm is Scheduller.save_alarm:  # store the JSON the checks encoded
-            self._insert(self._new_alarms([(scheduled, aggregate_id, raw_json, assigns_json)]))
-        else:
-            self.save_alarm(scheduled, aggregate_id)
-        return scheduled
+        prepared = self._prepare_encoded(message, aggregate_id, at, in_ms, now or _now())
+        self._save([(prepared, aggregate_id)])
+        return prepared[0]
 
     def dispatch_many(
         self,
@@ -171,16 +168,7 @@ class Scheduller:
             (self._prepare_encoded(message, aggregate_id, at, None, now, limit, check_task=False), aggregate_id)
             for message, aggregate_id, at in alarms
         ]
-        if type(self).save_alarm is Scheduller.save_alarm:
-            self._insert(
-                self._new_alarms(
-                    (message, aggregate_id, raw_json, assigns_json)
-                    for (message, raw_json, assigns_json), aggregate_id in prepared
-                )
-            )
-        else:
-            for (message, _raw, _assigns), aggregate_id in prepared:
-                self.save_alarm(message, aggregate_id)
+        self._save(prepared)
         return [message for (message, _raw, _assigns), _aggregate in prepared]
 
     def cancel(self, message_id: str, *, now: dt.datetime | None = None) -> bool:
@@ -288,6 +276,20 @@ class Scheduller:
                 f"message {message.id!r} is {size} bytes as JSON, more than CELERY_SCHEDULLER_MAX_PAYLOAD ({limit})"
             )
         return scheduled, raw_json, assigns_json
+
+    def _save(self, prepared: list[tuple[tuple[Message, str, str], str]]) -> None:
+        """Store ``((message, raw_json, assigns_json), aggregate_id)`` as ``_prepare_encoded`` made them:
+        with the JSON already encoded, unless ``save_alarm`` is overridden (then through it, one by one)."""
+        if type(self).save_alarm is Scheduller.save_alarm:
+            self._insert(
+                self._new_alarms(
+                    (message, aggregate_id, raw_json, assigns_json)
+                    for (message, raw_json, assigns_json), aggregate_id in prepared
+                )
+            )
+        else:
+            for (message, _raw, _assigns), aggregate_id in prepared:
+                self.save_alarm(message, aggregate_id)
 
     def _new_alarms(self, prepared: Iterable[tuple[Message, str, str | None, str | None]]) -> list[Any]:
         """``store.NewAlarm`` of each ``(message, aggregate_id, raw_json, assigns_json)``."""

@@ -385,8 +385,8 @@ def retry(
             [
                 states.PENDING,
                 message.service_name,
-                json.dumps(to_json_value(message.raw_request, "raw_request")),
-                json.dumps(to_json_value(message.assigns, "assigns")),
+                _compact(message.raw_request, "raw_request"),
+                _compact(message.assigns, "assigns"),
                 dispatch_at,
                 timeout_ms,
                 json.dumps(response.to_json()),
