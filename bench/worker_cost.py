@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,14 +43,19 @@ VARIANTS = {
 }
 
 
+LOG = Path(tempfile.gettempdir()) / "csched-worker-cost.log"
+
+
 def celery(*argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "bench.celery_app", *argv],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """A beat or worker of the benchmark's app, its output appended to ``LOG`` (named in any failure)."""
+    with open(LOG, "a") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "bench.celery_app", *argv],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def fill(variant: str, tasks: int, broker: object) -> None:
@@ -74,14 +80,14 @@ def fill(variant: str, tasks: int, broker: object) -> None:
         deadline = time.monotonic() + 120
         while broker.llen("celery") < tasks:  # type: ignore[attr-defined]
             if time.monotonic() > deadline:
-                raise RuntimeError("beat did not publish the alarms within 120 s")
+                raise RuntimeError(f"beat did not publish the alarms within 120 s; its log: {LOG}")
             time.sleep(0.2)
     finally:
         beat.terminate()
         beat.wait()
 
 
-def measure(variant: str, tasks: int, seconds: float) -> tuple[float, float]:
+def measure(variant: str, tasks: int, seconds: float, concurrency: int = 8) -> tuple[float, float]:
     """Tasks per second and worker CPU ms per task, the worker draining a full queue."""
     import psutil
     import redis
@@ -96,7 +102,7 @@ def measure(variant: str, tasks: int, seconds: float) -> tuple[float, float]:
         cursor.execute("TRUNCATE celery_scheduller_alarm, celery_scheduller_alarmattempt")
     fill(variant, tasks, broker)
     worker = celery(
-        "worker", "-P", "threads", "-c", "8", "-l", "warning", "--without-gossip", "--without-mingle",
+        "worker", "-P", "threads", "-c", str(concurrency), "-l", "warning", "--without-gossip", "--without-mingle",
         "--without-heartbeat", "-n", "cost@bench", env=VARIANTS[variant],
     )  # fmt: skip
     try:
@@ -120,19 +126,21 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8_000)
     parser.add_argument("--seconds", type=float, default=12)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=8, help="worker threads (compare.py runs 8)")
+    parser.add_argument("--variant", action="append", choices=list(VARIANTS), help="only these (default: all)")
     parser.add_argument("--connections", choices=["pool", "persistent", "persistent-reuse"], default="pool")
     args = parser.parse_args()
     os.environ["BENCH_DB_CONNECTIONS"] = args.connections  # before Django reads the settings
     from bench.compare import prepare_database
 
     prepare_database()
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in args.variant or VARIANTS}
     for _ in range(args.repeat):  # interleaved, so drift in the machine's load hits every variant alike
-        for name in VARIANTS:
-            results[name].append(measure(name, args.tasks, args.seconds))
+        for name in results:
+            results[name].append(measure(name, args.tasks, args.seconds, args.concurrency))
             print(f"  {name}: {results[name][-1][0]:.0f} tasks/s, {results[name][-1][1]:.3f} ms CPU/task", flush=True)
-    plain_cpu = statistics.median(cpu for _, cpu in results["plain"])
-    print(f"\nconnections: {args.connections}; median of {args.repeat}")
+    plain_cpu = statistics.median(cpu for _, cpu in results.get("plain") or [(0, float("nan"))])
+    print(f"\nconnections: {args.connections}; {args.concurrency} threads; median of {args.repeat}")
     print("| variant | tasks/s | worker CPU ms/task | × plain |\n|---|---|---|---|")
     for name, runs in results.items():
         rate, cpu = statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs)

@@ -3,7 +3,8 @@
 Connected to Celery's task signals by the app's ``ready()``:
 
 - ``task_prerun``: an alarm delivery (recognised by its header) gets its Message as ``current_message()``;
-- ``task_postrun``: the return value or exception becomes ``message.response`` → ``service_responded``;
+- ``task_postrun``: the return value or exception becomes ``message.response`` → ``service_responded``,
+  whose decision the process's response writer stores (``writer``);
 - ``task_failure`` in the worker's main process: a hard time limit or a lost worker, for which the pool
   child never reached ``task_postrun``, becomes an ``error`` response.
 
@@ -13,6 +14,7 @@ A failing hook is logged with the alarm id and never raised into the worker.
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import logging
 from typing import Any
@@ -77,7 +79,7 @@ def _on_postrun(task_id: str, task: Any, retval: Any = None, state: str | None =
         response = Response("error", error=describe(retval))
     else:
         return  # RETRY, IGNORED, REJECTED: the task has not finished; a later run or the timeout answers
-    _answer(*found, response)
+    _answer(*found, response, deferred=not getattr(task.request, "is_eager", False) and _writer_serves())
 
 
 def _on_failure(task_id: str, exception: BaseException | None = None, **_: Any) -> None:
@@ -95,8 +97,19 @@ def _on_failure(task_id: str, exception: BaseException | None = None, **_: Any) 
         _answer(*found, Response("error", error=describe(exception)))
 
 
-def _answer(ref: AttemptRef, message: Message, response: Response) -> None:
-    from . import clock, responses
+@functools.cache
+def _writer_serves() -> bool:
+    """Whether responses go through the process's response writer: on every database but SQLite, whose
+    single writer lock a second connection per process would only contend for."""
+    from django.db import connections
+
+    return connections["default"].vendor != "sqlite"
+
+
+def _answer(ref: AttemptRef, message: Message, response: Response, deferred: bool = False) -> None:
+    """Decide what ``response`` means for the alarm (``service_responded``) and store it: now, or with
+    ``deferred`` through the process's response writer (``writer``)."""
+    from . import clock, responses, writer
 
     now = clock.default.now_datetime()
     if now > ref.deadline:
@@ -108,7 +121,10 @@ def _answer(ref: AttemptRef, message: Message, response: Response) -> None:
         )
         return
     try:
-        responses.respond(ref, message, response, now)
+        if deferred:
+            writer.default.submit(responses.decide(ref, message, response, now))
+        else:
+            responses.respond(ref, message, response, now)
     except Exception:
         # The attempt stays published; its deadline passes and beat answers it as a timeout.
         logger.exception(
@@ -126,8 +142,18 @@ def describe(error: object) -> str:
     return repr(error)
 
 
+def _stop_writer(**_: Any) -> None:
+    """A worker process that exits stores the responses its writer still holds first."""
+    from . import writer
+
+    if not writer.default.stop():
+        logger.error("the response writer did not store every response before the process exited")
+
+
 def connect() -> None:
     """Connect the hooks to Celery's signals (idempotent)."""
+    signals.worker_process_shutdown.connect(_stop_writer, weak=False, dispatch_uid="celery_scheduller.flush_child")
+    signals.worker_shutdown.connect(_stop_writer, weak=False, dispatch_uid="celery_scheduller.flush")
     signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid="celery_scheduller.prerun")
     signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid="celery_scheduller.postrun")
     signals.task_failure.connect(_on_failure, weak=False, dispatch_uid="celery_scheduller.failure")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+from collections.abc import Sequence
 
 from . import registry, signals, store
 from .conf import settings
@@ -13,6 +15,28 @@ from .scheduller import Retry, validate_decision
 logger = logging.getLogger("celery_scheduller")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decided:
+    """What ``service_responded`` decided for one attempt, not yet stored (``decide`` → ``store_decided``).
+
+    ``again`` is the next attempt's Message for a retry or an error back-off, None to finish.
+    """
+
+    ref: store.AttemptRef
+    answered: Message
+    now: dt.datetime
+    action: str  # "finished", "retried" or "error_backoff"
+    again: Message | None = None
+    due: dt.datetime | None = None
+    timeout_ms: int = 0
+    note: str = ""
+
+    @property
+    def response(self) -> Response:
+        assert self.answered.response is not None
+        return self.answered.response
+
+
 def respond(ref: store.AttemptRef, message: Message, response: Response, now: dt.datetime) -> str:
     """Call the owner's ``service_responded`` and store its decision for attempt ``ref``.
 
@@ -20,8 +44,12 @@ def respond(ref: store.AttemptRef, message: Message, response: Response, now: dt
     (the attempt was answered, timed out or cancelled meanwhile). Never raises for a user error:
     a failing or invalid ``service_responded`` is logged and the alarm tried again after a back-off.
     """
+    return store_decided(decide(ref, message, response, now))
+
+
+def decide(ref: store.AttemptRef, message: Message, response: Response, now: dt.datetime) -> Decided:
+    """Call the owner's ``service_responded`` for attempt ``ref``; store nothing."""
     answered = message.with_response(response)
-    log_extra = {"alarm_id": message.id, "attempt": ref.attempt, "status": response.status}
     if response.status == "timeout":
         signals.send(signals.alarm_timed_out, ref.scheduller, message=answered, attempt=ref.attempt)
     try:
@@ -33,34 +61,57 @@ def respond(ref: store.AttemptRef, message: Message, response: Response, now: dt
             "service_responded failed for alarm %s; retrying in %s ms",
             message.id,
             backoff,
-            extra={**log_extra, "action": "error_backoff"},
+            extra={**_log_extra(ref, answered), "action": "error_backoff"},
         )
         due = now + dt.timedelta(milliseconds=backoff)
         again = message.assign("dispatch_at", due)
-        applied = store.retry(ref, again, due, _timeout_or_default(ref, again), response, now, "error back-off")
-        if applied:
-            _after_retry(ref, answered, again, due)
-        return _logged(applied, "error_backoff", message, log_extra)
-
+        timeout = _timeout_or_default(ref, again)
+        return Decided(ref, answered, now, "error_backoff", again, due, timeout, "error back-off")
     if not isinstance(decision, Retry):  # validate_decision let only OK through besides Retry
-        applied = store.finish(ref, response, now, settings.keeps_history())
-        if applied:
-            signals.send(signals.alarm_responded, ref.scheduller, message=answered, attempt=ref.attempt)
-            signals.send(signals.alarm_finished, ref.scheduller, message=answered, attempt=ref.attempt)
-        return _logged(applied, "finished", message, log_extra)
-
+        return Decided(ref, answered, now, "finished")
     due = now + dt.timedelta(milliseconds=decision.in_ms)
     again = (decision.message or message).with_response(None).assign("dispatch_at", due)
-    timeout = _timeout_or_default(ref, again)
-    applied = store.retry(ref, again, due, timeout, response, now, f"retry in {decision.in_ms} ms")
+    return Decided(
+        ref, answered, now, "retried", again, due, _timeout_or_default(ref, again), f"retry in {decision.in_ms} ms"
+    )
+
+
+def store_decided(decided: Decided) -> str:
+    """Store one decision if its attempt is still current, then signal and log it; returns the action."""
+    ref, response = decided.ref, decided.response
+    if decided.again is None:
+        applied = store.finish(ref, response, decided.now, settings.keeps_history())
+    else:
+        assert decided.due is not None
+        applied = store.retry(ref, decided.again, decided.due, decided.timeout_ms, response, decided.now, decided.note)
+    return _stored(decided, applied)
+
+
+def store_many(decisions: Sequence[Decided]) -> list[str]:
+    """``store_decided`` for many: on PostgreSQL without history every ``finished`` in one statement
+    (the worker's response writer stores what its tasks decided this way), the rest one by one."""
+    finishing = [d for d in decisions if d.again is None]
+    if len(finishing) < 2 or not store.finishes_in_one_statement(settings.keeps_history()):
+        return [store_decided(d) for d in decisions]
+    finished = store.finish_many([d.ref for d in finishing])
+    return [_stored(d, d.ref.pk in finished) if d.again is None else store_decided(d) for d in decisions]
+
+
+def _stored(decided: Decided, applied: bool) -> str:
+    ref, answered = decided.ref, decided.answered
     if applied:
-        _after_retry(ref, answered, again, due)
-    return _logged(applied, "retried", message, log_extra)
+        signals.send(signals.alarm_responded, ref.scheduller, message=answered, attempt=ref.attempt)
+        if decided.again is None:
+            signals.send(signals.alarm_finished, ref.scheduller, message=answered, attempt=ref.attempt)
+        else:
+            again, due = decided.again, decided.due
+            signals.send(signals.alarm_retried, ref.scheduller, message=again, attempt=ref.attempt, dispatch_at=due)
+    return _logged(applied, decided.action, answered, _log_extra(ref, answered))
 
 
-def _after_retry(ref: store.AttemptRef, answered: Message, again: Message, due: dt.datetime) -> None:
-    signals.send(signals.alarm_responded, ref.scheduller, message=answered, attempt=ref.attempt)
-    signals.send(signals.alarm_retried, ref.scheduller, message=again, attempt=ref.attempt, dispatch_at=due)
+def _log_extra(ref: store.AttemptRef, answered: Message) -> dict[str, object]:
+    status = answered.response.status if answered.response is not None else None
+    return {"alarm_id": answered.id, "attempt": ref.attempt, "status": status}
 
 
 def _timeout_or_default(ref: store.AttemptRef, message: Message) -> int:

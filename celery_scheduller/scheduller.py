@@ -7,6 +7,8 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Final, final
 
+from django.db import transaction
+
 from . import registry
 from .conf import settings
 from .exceptions import InvalidAlarm
@@ -156,8 +158,8 @@ class Scheduller:
         *,
         now: dt.datetime | None = None,
     ) -> list[Message]:
-        """Schedule many ``(message, aggregate_id, at)`` at once; every one is checked before any is saved."""
-
+        """Schedule many ``(message, aggregate_id, at)`` at once; every one is checked before any is saved,
+        and they are saved in one transaction: all or, if saving fails, none."""
         registry.check_served(type(self))
         now = now or _now()
         alarms = list(alarms)
@@ -168,7 +170,8 @@ class Scheduller:
             (self._prepare_encoded(message, aggregate_id, at, None, now, limit, check_task=False), aggregate_id)
             for message, aggregate_id, at in alarms
         ]
-        self._save(prepared)
+        with transaction.atomic():
+            self._save(prepared)
         return [message for (message, _raw, _assigns), _aggregate in prepared]
 
     def cancel(self, message_id: str, *, now: dt.datetime | None = None) -> bool:

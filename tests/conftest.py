@@ -164,5 +164,6 @@ def _worker_idle_at_teardown(request: pytest.FixtureRequest) -> Iterator[None]:
     while time.monotonic() < deadline:
         replies = app.control.inspect(timeout=0.5).active() or {}
         if not any(replies.values()):
+            time.sleep(0.1)  # the response writer stores the last task's response a moment after it ran
             return
         time.sleep(0.1)

@@ -103,3 +103,17 @@ class FaultAlarms(Scheduller):
 
     def dispatch_timeout(self, message: Message) -> int:
         return 4_000
+
+
+class AuditedAlarms(TestAlarms):
+    """Overrides ``save_alarm`` as the contract allows: records each call, refuses aggregate ``"refused"``
+    before storing, and stores the rest through ``super().save_alarm``."""
+
+    name = "audited"
+    saved: list[tuple[str, str, Any]] = []
+
+    def save_alarm(self, message: Message, aggregate_id: str) -> None:
+        if aggregate_id == "refused":
+            raise ValueError(f"aggregate {aggregate_id!r} may not schedule alarms")
+        type(self).saved.append((message.id, aggregate_id, message.assigns.get("dispatch_at")))
+        super().save_alarm(message, aggregate_id)

@@ -1,0 +1,133 @@
+"""The worker's response writer: one thread per worker process stores what its tasks' ``service_responded``
+decided, on a database connection of its own.
+
+Why a thread of its own:
+
+- Celery's Django fixup closes the task's database connections before and after every task (with
+  prefork and Django's pool it closes the pool), so a write from the task itself reconnects per task;
+  the writer's connection belongs to the writer's thread, which the fixup never touches, and lives as
+  long as the worker process (its statements stay prepared).
+- The task thread hands the decision over and returns to Celery at once; under load the writer stores
+  the decisions queued meanwhile together (``responses.store_many``: every ``OK`` in one statement on
+  PostgreSQL without history), so a busy worker spends less than one round trip per task.
+
+What it changes: the response is stored a moment after the task's ``task_postrun`` (milliseconds; the
+attempt's deadline guards it as before), and ``alarm_responded`` / ``alarm_finished`` /
+``alarm_retried`` are sent from the writer thread. A decision the process did not store before it died
+(``kill -9``) is answered by beat as a timeout after ``dispatch_timeout``: delivered again, at least once.
+Queued decisions are stored before a worker process exits normally (``stop``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .responses import Decided
+
+logger = logging.getLogger("celery_scheduller")
+
+#: At most this many decisions are stored by one call of ``responses.store_many``.
+BATCH = 500
+
+
+class _Stop(threading.Event):
+    """Queued by ``stop``: store what came before, close the connection, end the thread."""
+
+
+class ResponseWriter:
+    """Stores ``Decided`` responses from a thread of its own; started on first use in each process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._queue: queue.SimpleQueue[Decided | threading.Event] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, decided: Decided) -> None:
+        """Queue ``decided`` for storing; returns at once."""
+        if self._pid != os.getpid():  # first use, or a forked child: the parent's thread is not here
+            self._start()
+        self._queue.put(decided)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything queued so far is stored; False if ``timeout`` passed first."""
+        return self._mark(threading.Event(), timeout)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Store everything queued so far, close the writer's connection and end its thread (the next
+        ``submit`` starts another); False if ``timeout`` passed first."""
+        with self._lock:
+            stopped = self._mark(_Stop(), timeout)
+            self._pid = None
+            return stopped
+
+    def _mark(self, marker: threading.Event, timeout: float) -> bool:
+        thread = self._thread
+        if self._pid != os.getpid() or thread is None or not thread.is_alive():
+            return True
+        self._queue.put(marker)
+        return marker.wait(timeout)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            # a child forked from a process with queued decisions leaves them to that process
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(
+                target=self._run, args=(self._queue,), name="celery_scheduller-writer", daemon=True
+            )
+            self._thread.start()
+            self._pid = os.getpid()
+
+    def _run(self, pending: queue.SimpleQueue[Decided | threading.Event]) -> None:
+        from django.db import connection
+
+        while True:
+            batch = [pending.get()]
+            while len(batch) < BATCH and not isinstance(batch[-1], _Stop):
+                try:
+                    batch.append(pending.get_nowait())
+                except queue.Empty:
+                    break
+            decisions = [item for item in batch if not isinstance(item, threading.Event)]
+            if decisions:
+                self._store(decisions)
+            if isinstance(batch[-1], _Stop):
+                connection.close()
+            for item in batch:
+                if isinstance(item, threading.Event):
+                    item.set()
+            if isinstance(batch[-1], _Stop):
+                return
+
+    def _store(self, decisions: Sequence[Decided]) -> None:
+        from django.db import connection
+
+        from . import responses
+
+        for last_try in (False, True):
+            try:
+                responses.store_many(decisions)
+                return
+            except Exception:
+                # Most often a connection the server dropped while idle: reconnect and store again.
+                # Every write names the attempt it answers, so what the first try stored is not stored
+                # twice (it is logged as ignored). Left unstored, the attempts time out and are retried.
+                connection.close()
+                if last_try:
+                    logger.exception(
+                        "storing %d responses failed; their attempts will time out and be delivered again",
+                        len(decisions),
+                        extra={"action": "hook_error", "alarm_ids": [d.answered.id for d in decisions][:20]},
+                    )
+
+
+#: The writer of this process.
+default = ResponseWriter()

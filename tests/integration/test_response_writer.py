@@ -1,0 +1,118 @@
+"""The worker's response writer: decisions stored from a thread and a connection of their own, many
+``OK`` in one statement, and a worker that does not reconnect to the database for every task."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from celery_scheduller import Message, Response, responses, signals, states, store
+from celery_scheduller.models import Alarm
+from celery_scheduller.writer import ResponseWriter
+from tests.conftest import run_beat
+from tests.testapp.alarms import FaultAlarms, TestAlarms
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+postgres_only = pytest.mark.skipif("connection.vendor != 'postgresql'", reason="PostgreSQL paths")
+
+
+def _published(alarms, service: str, count: int, prefix: str) -> list[tuple[store.AttemptRef, Message]]:
+    """``count`` alarms claimed as published, as the worker's hook would find them in the header."""
+    past = timezone.now() - dt.timedelta(seconds=1)
+    alarms.dispatch_many((Message.new(service, {}, id=f"{prefix}{n}"), "agg", past) for n in range(count))
+    rows = store.claim_due([alarms.scheduller_name()], timezone.now(), 10_000)
+    return [(store.AttemptRef.of_row(row), store.message_from_row(row)) for row in rows]
+
+
+@postgres_only
+def test_many_oks_are_stored_in_one_statement_and_a_stale_one_is_ignored(settings):
+    settings.CELERY_SCHEDULLER_KEEP_FINISHED = None  # the seed's default: a finished alarm leaves the table
+    published = _published(TestAlarms(), "testapp.record", 10, "many-")
+    now = timezone.now()
+    decided = [responses.decide(ref, message, Response("ok"), now) for ref, message in published]
+    stale_ref = published[0][0]
+    store.finish(stale_ref, Response("ok"), now, keep_history=False)  # answered meanwhile
+    with CaptureQueriesContext(connection) as queries:
+        actions = responses.store_many(decided)
+    ours = [q["sql"] for q in queries.captured_queries if "celery_scheduller_alarm" in q["sql"]]
+    assert len(ours) == 1, ours
+    assert actions == ["ignored"] + ["finished"] * 9
+    assert not Alarm.objects.filter(message_id__startswith="many-").exists()
+
+
+def test_the_writer_stores_what_threads_submit_and_signals_each_alarm_once():
+    published = _published(TestAlarms(), "testapp.record", 40, "thr-")
+    finished: list[str] = []
+
+    def on_finished(sender, message, attempt, **_):
+        finished.append(message.id)
+
+    signals.alarm_finished.connect(on_finished, weak=False)
+    writer = ResponseWriter()
+    try:
+        now = timezone.now()
+
+        def submit(part):
+            try:
+                for ref, message in part:  # TestAlarms' service_responded writes in this thread
+                    writer.submit(responses.decide(ref, message, Response("ok"), now))
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=submit, args=(published[n::4],)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert writer.flush(timeout=30)
+    finally:
+        signals.alarm_finished.disconnect(on_finished)
+        assert writer.stop(timeout=30)  # closes the writer's connection: the test database can be dropped
+    assert sorted(finished) == sorted(f"thr-{n}" for n in range(40))
+    assert Alarm.objects.filter(message_id__startswith="thr-").exclude(state=states.FINISHED).count() == 0
+
+
+def test_a_stopped_writer_starts_again_on_the_next_submit():
+    (ref, message), (ref2, message2) = _published(TestAlarms(), "testapp.record", 2, "again-")
+    writer = ResponseWriter()
+    writer.submit(responses.decide(ref, message, Response("ok"), timezone.now()))
+    assert writer.stop(timeout=30)
+    writer.submit(responses.decide(ref2, message2, Response("ok"), timezone.now()))
+    assert writer.stop(timeout=30)
+    assert Alarm.objects.filter(message_id__startswith="again-", state=states.FINISHED).count() == 2
+
+
+def _sessions() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+        return int(cursor.fetchone()[0])
+
+
+@postgres_only
+@pytest.mark.worker
+@pytest.mark.usefixtures("worker")
+def test_the_worker_does_not_reconnect_to_the_database_for_every_task(beat):
+    """Celery's Django fixup closes a task's connections around every task; the hook's writes go through
+    the writer's connection, which it leaves alone. 60 tasks that touch no database themselves, on 3 pool
+    processes: a reconnect per task would open 60 sessions."""
+    scheduler = beat()
+    before = _sessions()
+    _published_now = timezone.now() - dt.timedelta(seconds=1)
+    FaultAlarms().dispatch_many(
+        (Message.new("testapp.noop", {}, id=f"conn-{n}"), "agg", _published_now) for n in range(60)
+    )
+    run_beat(
+        scheduler,
+        lambda: not Alarm.objects.filter(message_id__startswith="conn-").exclude(state=states.FINISHED).exists(),
+        30,
+        "every alarm to be answered",
+    )
+    opened = _sessions() - before
+    assert opened < 20, f"{opened} database sessions opened for 60 tasks"
