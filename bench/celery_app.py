@@ -14,9 +14,10 @@ app.autodiscover_tasks(["bench"])
 
 # bench/worker_cost.py only: take parts of the result hook out of the worker to see what each costs.
 if os.environ.get("BENCH_HOOK") in ("off", "no-write"):
-    from celery.signals import worker_ready
+    from celery.signals import worker_process_init, worker_ready
 
-    @worker_ready.connect
+    @worker_ready.connect  # -P threads: the tasks run in this process
+    @worker_process_init.connect  # -P prefork: in each pool process, forked before worker_ready
     def _strip_hook(**_: object) -> None:
         from celery import signals
 
@@ -27,6 +28,7 @@ if os.environ.get("BENCH_HOOK") in ("off", "no-write"):
                 getattr(signals, f"task_{name}").disconnect(dispatch_uid=f"celery_scheduller.{name}")
         else:
             store.finish = lambda *args, **kwargs: True  # type: ignore[assignment]
+            store.finish_many = lambda refs: {ref.pk for ref in refs}  # type: ignore[assignment]
 
 
 # Celery's Django fixup closes every database connection before and after each task, CONN_MAX_AGE or

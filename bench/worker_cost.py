@@ -87,8 +87,11 @@ def fill(variant: str, tasks: int, broker: object) -> None:
         beat.wait()
 
 
-def measure(variant: str, tasks: int, seconds: float, concurrency: int = 8) -> tuple[float, float]:
-    """Tasks per second and worker CPU ms per task, the worker draining a full queue."""
+def measure(
+    variant: str, tasks: int, seconds: float, concurrency: int = 8, pool: str = "threads"
+) -> tuple[float, float, float]:
+    """Tasks per second, worker CPU ms per task and the system (kernel) part of it, the worker draining a
+    full queue."""
     import psutil
     import redis
     from django.conf import settings
@@ -102,23 +105,30 @@ def measure(variant: str, tasks: int, seconds: float, concurrency: int = 8) -> t
         cursor.execute("TRUNCATE celery_scheduller_alarm, celery_scheduller_alarmattempt")
     fill(variant, tasks, broker)
     worker = celery(
-        "worker", "-P", "threads", "-c", str(concurrency), "-l", "warning", "--without-gossip", "--without-mingle",
+        "worker", "-P", pool, "-c", str(concurrency), "-l", "warning", "--without-gossip", "--without-mingle",
         "--without-heartbeat", "-n", "cost@bench", env=VARIANTS[variant],
     )  # fmt: skip
     try:
         ps = psutil.Process(worker.pid)
         while hits.llen("hits:cost") < 300:
             time.sleep(0.05)
-        cpu0, done0, t0 = sum(ps.cpu_times()[:2]), hits.llen("hits:cost"), time.monotonic()
+        tree = [ps, *ps.children(recursive=True)]  # prefork: the pool processes run the tasks
+
+        def cpu() -> tuple[float, float]:
+            times = [proc.cpu_times() for proc in tree]
+            return sum(t.user for t in times), sum(t.system for t in times)
+
+        cpu0, done0, t0 = cpu(), hits.llen("hits:cost"), time.monotonic()
         time.sleep(seconds)
-        cpu1, done1, t1 = sum(ps.cpu_times()[:2]), hits.llen("hits:cost"), time.monotonic()
+        cpu1, done1, t1 = cpu(), hits.llen("hits:cost"), time.monotonic()
     finally:
         worker.terminate()
         worker.wait()
     if done1 >= tasks:
         raise RuntimeError("the queue ran dry while measuring: raise --tasks")
     ran = done1 - done0
-    return ran / (t1 - t0), 1000 * (cpu1 - cpu0) / ran
+    user, system = ((after - before) * 1000 / ran for before, after in zip(cpu0, cpu1, strict=True))
+    return ran / (t1 - t0), user + system, system
 
 
 def main() -> None:
@@ -126,7 +136,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8_000)
     parser.add_argument("--seconds", type=float, default=12)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=8, help="worker threads (compare.py runs 8)")
+    parser.add_argument("--pool", choices=["threads", "prefork"], default="threads", help="compare.py runs threads")
+    parser.add_argument("--concurrency", type=int, default=8, help="threads or processes (compare.py: 8 threads)")
     parser.add_argument("--variant", action="append", choices=list(VARIANTS), help="only these (default: all)")
     parser.add_argument("--connections", choices=["pool", "persistent", "persistent-reuse"], default="pool")
     args = parser.parse_args()
@@ -134,17 +145,18 @@ def main() -> None:
     from bench.compare import prepare_database
 
     prepare_database()
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in args.variant or VARIANTS}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in args.variant or VARIANTS}
     for _ in range(args.repeat):  # interleaved, so drift in the machine's load hits every variant alike
         for name in results:
-            results[name].append(measure(name, args.tasks, args.seconds, args.concurrency))
-            print(f"  {name}: {results[name][-1][0]:.0f} tasks/s, {results[name][-1][1]:.3f} ms CPU/task", flush=True)
-    plain_cpu = statistics.median(cpu for _, cpu in results.get("plain") or [(0, float("nan"))])
-    print(f"\nconnections: {args.connections}; {args.concurrency} threads; median of {args.repeat}")
-    print("| variant | tasks/s | worker CPU ms/task | × plain |\n|---|---|---|---|")
+            results[name].append(measure(name, args.tasks, args.seconds, args.concurrency, args.pool))
+            rate, cpu, system = results[name][-1]
+            print(f"  {name}: {rate:.0f} tasks/s, {cpu:.3f} ms CPU/task ({system:.3f} system)", flush=True)
+    plain_cpu = statistics.median(run[1] for run in results.get("plain") or [(0, float("nan"), 0)])
+    print(f"\nconnections: {args.connections}; -P {args.pool} -c {args.concurrency}; median of {args.repeat}")
+    print("| variant | tasks/s | worker CPU ms/task | of it system | × plain |\n|---|---|---|---|---|")
     for name, runs in results.items():
-        rate, cpu = statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs)
-        print(f"| {name} | {rate:.0f} | {cpu:.3f} | {cpu / plain_cpu:.2f} |")
+        rate, cpu, system = (statistics.median(run[i] for run in runs) for i in range(3))
+        print(f"| {name} | {rate:.0f} | {cpu:.3f} | {system:.3f} | {cpu / plain_cpu:.2f} |")
 
 
 if __name__ == "__main__":

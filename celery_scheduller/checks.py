@@ -22,7 +22,7 @@ def _check_values() -> list[CheckMessage]:
     from .exceptions import ConfigurationError
 
     errors: list[CheckMessage] = []
-    for check in (settings.keep_finished, settings.max_in_flight):
+    for check in (settings.keep_finished, settings.max_in_flight, settings.response_batch_wait):
         try:
             check()
         except ConfigurationError as exc:

@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "MAX_PAYLOAD": 256 * 1024,
     # How often (ms) a beat records its windows and counters for ``scheduller_status``.
     "BEAT_RECORD_INTERVAL": 10_000,
+    # How long (ms) a worker's response writer waits after a task's response for more to store with it
+    # (0: store each at once). Longer batches cost the worker less per task; responses land that much later.
+    "RESPONSE_BATCH_WAIT": 50,
 }
 
 
@@ -80,6 +83,15 @@ class Settings:
             from .exceptions import ConfigurationError
 
             raise ConfigurationError(f"{PREFIX}MAX_IN_FLIGHT must be a positive integer or None, got {value!r}")
+        return value
+
+    def response_batch_wait(self) -> int:
+        """RESPONSE_BATCH_WAIT checked: a non-negative integer of milliseconds."""
+        value = self.RESPONSE_BATCH_WAIT
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            from .exceptions import ConfigurationError
+
+            raise ConfigurationError(f"{PREFIX}RESPONSE_BATCH_WAIT must be a non-negative integer (ms), got {value!r}")
         return value
 
     def keeps_history(self) -> bool:

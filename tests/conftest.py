@@ -164,6 +164,9 @@ def _worker_idle_at_teardown(request: pytest.FixtureRequest) -> Iterator[None]:
     while time.monotonic() < deadline:
         replies = app.control.inspect(timeout=0.5).active() or {}
         if not any(replies.values()):
-            time.sleep(0.1)  # the response writer stores the last task's response a moment after it ran
+            # the response writer stores the last task's response up to RESPONSE_BATCH_WAIT after it ran
+            from celery_scheduller.conf import settings
+
+            time.sleep(settings.response_batch_wait() / 1000 + 0.1)
             return
         time.sleep(0.1)

@@ -217,6 +217,8 @@ def test_reschedule_dispatch_now_and_restart_change_only_the_states_they_name():
             "celery_scheduller.E004",
         ),
         ({"USE_TZ": False}, "celery_scheduller.W001"),
+        ({"CELERY_SCHEDULLER_RESPONSE_BATCH_WAIT": -1}, "celery_scheduller.E005"),
+        ({"CELERY_SCHEDULLER_RESPONSE_BATCH_WAIT": 0.5}, "celery_scheduller.E005"),
     ],
 )
 def test_system_checks_catch_bad_configuration(overrides, error_id):

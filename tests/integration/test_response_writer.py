@@ -116,3 +116,27 @@ def test_the_worker_does_not_reconnect_to_the_database_for_every_task(beat):
     )
     opened = _sessions() - before
     assert opened < 20, f"{opened} database sessions opened for 60 tasks"
+
+
+def test_responses_that_come_within_the_batch_wait_are_stored_together(settings, monkeypatch):
+    settings.CELERY_SCHEDULLER_RESPONSE_BATCH_WAIT = 300
+    published = _published(TestAlarms(), "testapp.record", 10, "wait-")
+    now = timezone.now()
+    decided = [responses.decide(ref, message, Response("ok"), now) for ref, message in published]
+    calls: list[int] = []
+    store_many = responses.store_many
+
+    def counted(decisions):
+        calls.append(len(decisions))
+        return store_many(decisions)
+
+    monkeypatch.setattr(responses, "store_many", counted)
+    writer = ResponseWriter()
+    try:
+        for one in decided:
+            writer.submit(one)
+        assert writer.flush(timeout=30)
+    finally:
+        assert writer.stop(timeout=30)
+    assert calls == [10]
+    assert Alarm.objects.filter(message_id__startswith="wait-", state=states.FINISHED).count() == 10
