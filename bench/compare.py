@@ -197,7 +197,9 @@ class Bench:
                 "django_celery_beat_periodictasks"
             )
 
-    def worker(self, run: str) -> Proc:
+    def worker(self, run: str, startup: float = 60) -> Proc:
+        """A fresh worker, returned once it ran a ping sent behind whatever the queue already holds
+        (for ETA with a background, tens of thousands of ETA tasks it takes into memory first)."""
         proc = Proc(
             "worker",
             [
@@ -225,7 +227,7 @@ class Bench:
 
         key = f"ping:{run}"
         app.send_task("bench.ping", args=[key])
-        _wait(lambda: self.hits.get(key) is not None, 60, f"worker of {run} did not start; see {proc.log}")
+        _wait(lambda: self.hits.get(key) is not None, startup, f"worker of {run} did not start; see {proc.log}")
         return proc
 
     def beat(self, run: str, scheduler: str, index: int = 0, env: dict[str, str] | None = None) -> Proc:
@@ -375,7 +377,7 @@ class Bench:
             started = time.monotonic()
             done, note = self.background(system, run, pending)
             notes.append(note or f"{done:,} pending in the background (filled in {time.monotonic() - started:.0f} s)")
-        worker = self.worker(run)
+        worker = self.worker(run, startup=300 if pending else 60)
         procs = [worker]
         scheduler = {OURS: "celery_scheduller", DCB: "django_celery_beat.schedulers:DatabaseScheduler"}.get(system)
         if scheduler:

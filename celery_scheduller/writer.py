@@ -53,7 +53,7 @@ class ResponseWriter:
 
     def submit(self, decided: Decided) -> None:
         """Queue ``decided`` for storing; returns at once."""
-        if self._pid != os.getpid():  # first use, or a forked child: the parent's thread is not here
+        if not self._running():  # first use, a forked child (the parent's thread is not here), or stopped
             self._start()
         self._queue.put(decided)
 
@@ -70,18 +70,20 @@ class ResponseWriter:
             return stopped
 
     def _mark(self, marker: threading.Event, timeout: float) -> bool:
-        thread = self._thread
-        if self._pid != os.getpid() or thread is None or not thread.is_alive():
+        if not self._running():
             return True
         self._queue.put(marker)
         return marker.wait(timeout)
 
+    def _running(self) -> bool:
+        return self._pid == os.getpid() and self._thread is not None and self._thread.is_alive()
+
     def _start(self) -> None:
         with self._lock:
-            if self._pid == os.getpid():
+            if self._running():
                 return
-            # a child forked from a process with queued decisions leaves them to that process
-            self._queue = queue.SimpleQueue()
+            if self._pid != os.getpid():  # a forked child leaves the parent's queued decisions to it
+                self._queue = queue.SimpleQueue()
             self._thread = threading.Thread(
                 target=self._run, args=(self._queue,), name="celery_scheduller-writer", daemon=True
             )
@@ -91,11 +93,12 @@ class ResponseWriter:
     def _run(self, pending: queue.SimpleQueue[Decided | threading.Event]) -> None:
         from django.db import connection
 
-        while True:
+        stops: list[threading.Event] = []
+        while not stops or not pending.empty():  # once stopping, also what was submitted meanwhile
             batch = [pending.get()]
-            if not isinstance(batch[0], threading.Event):
+            if not stops and not isinstance(batch[0], threading.Event):
                 time.sleep(_batch_wait())  # let the responses of the next tasks join this one
-            while len(batch) < BATCH and not isinstance(batch[-1], _Stop):
+            while len(batch) < BATCH:
                 try:
                     batch.append(pending.get_nowait())
                 except queue.Empty:
@@ -103,13 +106,14 @@ class ResponseWriter:
             decisions = [item for item in batch if not isinstance(item, threading.Event)]
             if decisions:
                 self._store(decisions)
-            if isinstance(batch[-1], _Stop):
-                connection.close()
             for item in batch:
-                if isinstance(item, threading.Event):
+                if isinstance(item, _Stop):
+                    stops.append(item)
+                elif isinstance(item, threading.Event):
                     item.set()
-            if isinstance(batch[-1], _Stop):
-                return
+        connection.close()
+        for stop in stops:
+            stop.set()
 
     def _store(self, decisions: Sequence[Decided]) -> None:
         from django.db import connection
