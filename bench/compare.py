@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -419,8 +420,10 @@ class Bench:
             for proc in reversed(procs):
                 proc.stop()
         # counted once nothing runs any more: a task finishing meanwhile would be neither run nor scheduled
-        self._tally(run, dues, result)
+        notes.append(self._tally(run, dues, result) or "")
         result.still_scheduled = self._still_scheduled(system, run)
+        if result.still_scheduled is not None and result.still_scheduled < result.lost:
+            notes.append(self._unaccounted(run, len(dues)))
         result.note = "; ".join(note for note in notes if note)
         print(f"  {json.dumps(result.row())}", flush=True)
         return result
@@ -450,7 +453,8 @@ class Bench:
             time.sleep(0.5)
         time.sleep(1.0)  # late duplicates
 
-    def _tally(self, run: str, dues: list[float], result: Result) -> None:
+    def _tally(self, run: str, dues: list[float], result: Result) -> str | None:
+        """Lateness, not run and duplicates from the run's hits; a note on what the duplicates were."""
         key = f"hits:{run}"
         starts = self._starts(key)
         total = self.hits.llen(key)
@@ -460,12 +464,18 @@ class Bench:
             result.publish_lateness = published
         result.lost = len(dues) - len(starts)
         result.duplicates = total - len(starts)
+        if result.duplicates:  # which runs were repeats of the same message, which of a new attempt
+            runs = [raw.decode().split()[::4] for raw in self.hits.lrange(key, 0, -1)]
+            repeated = {n for n, count in Counter(n for n, _task_id in runs).items() if count > 1}
+            same_id = sum(count - 1 for count in Counter(t for n, t in runs if n in repeated).values())
+            return f"duplicates: {same_id} reruns of the same task id, {result.duplicates - same_id} new attempts"
+        return None
 
     def _starts(self, key: str) -> dict[int, tuple[float, float | None]]:
         """Each alarm's first run: (started, published by beat or None)."""
         first: dict[int, tuple[float, float | None]] = {}
         for raw in self.hits.lrange(key, 0, -1):
-            n, _due, started, published = raw.decode().split()
+            n, _due, started, published, _task_id = raw.decode().split()
             if int(n) not in first or float(started) < first[int(n)][0]:
                 first[int(n)] = (float(started), None if published == "-" else float(published))
         return first
@@ -507,6 +517,15 @@ class Bench:
         if system == OURS:
             return Alarm.objects.filter(message_id__startswith=f"{run}-").count()
         return None  # django-celery-beat disables a one-off task only at its next sync; ETA tasks live in the worker
+
+    def _unaccounted(self, run: str, count: int) -> str:
+        """celery_scheduller's alarms neither run nor still scheduled, with their ids and attempt history."""
+        from celery_scheduller.models import Alarm
+
+        ran = set(self._starts(f"hits:{run}"))
+        held = set(Alarm.objects.filter(message_id__startswith=f"{run}-").values_list("message_id", flat=True))
+        gone = [f"{run}-{n}" for n in range(count) if n not in ran and f"{run}-{n}" not in held]
+        return f"{len(gone)} neither run nor still scheduled, e.g. {', '.join(gone[:5])}"
 
     def _first_load_seconds(self, run: str) -> float | None:
         found = re.search(
