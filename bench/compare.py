@@ -228,7 +228,11 @@ class Bench:
 
         key = f"ping:{run}"
         app.send_task("bench.ping", args=[key])
-        _wait(lambda: self.hits.get(key) is not None, startup, f"worker of {run} did not start; see {proc.log}")
+        try:
+            _wait(lambda: self.hits.get(key) is not None, startup, f"worker of {run} did not start; see {proc.log}")
+        except BaseException:
+            proc.stop()  # else it outlives the benchmark and consumes the next runs' tasks
+            raise
         return proc
 
     def beat(self, run: str, scheduler: str, index: int = 0, env: dict[str, str] | None = None) -> Proc:
