@@ -91,7 +91,7 @@ def store_many(decisions: Sequence[Decided]) -> list[str]:
     """``store_decided`` for many: on PostgreSQL without history every ``finished`` in one statement
     (the worker's response writer stores what its tasks decided this way), the rest one by one."""
     finishing = [d for d in decisions if d.again is None]
-    if len(finishing) < 2 or not store.finishes_in_one_statement(settings.keeps_history()):
+    if not finishing or not store.finishes_in_one_statement(settings.keeps_history()):
         return [store_decided(d) for d in decisions]
     finished = store.finish_many([d.ref for d in finishing])
     return [_stored(d, d.ref.pk in finished) if d.again is None else store_decided(d) for d in decisions]

@@ -296,18 +296,9 @@ def finish(ref: AttemptRef, response: Response, now: dt.datetime, keep_history: 
     """
     if keep_history:
         return _end(ref, states.FINISHED, response, now, "ok")
-    if connection.vendor == "postgresql":
+    if finishes_in_one_statement(keep_history):
         # the alarm and its history in one round trip: the worker's hook runs this for every task
-        where, params = _published_sql(ref)
-        with _bound_cursor() as cursor:
-            cursor.execute(
-                f"WITH gone AS (DELETE FROM {_ALARM} WHERE {where} RETURNING message_id), "
-                f"history AS (DELETE FROM {_ATTEMPT} WHERE %s > 1 AND message_id IN (SELECT message_id FROM gone)) "
-                "SELECT count(*) FROM gone",
-                [*params, ref.attempt],
-            )
-            (deleted,) = cursor.fetchone()
-        return bool(deleted)
+        return ref.pk in finish_many([ref])
     query = _published(ref)
     deleted = query._raw_delete(query.db)  # one DELETE: no collector, no transaction of its own
     if deleted and ref.attempt > 1:
