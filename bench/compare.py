@@ -5,8 +5,10 @@
 
 Every system runs the same task (``bench.hit``: it records when it started) on the same PostgreSQL,
 the same Redis broker and a fresh Celery worker (``-P threads -c 8``) per run. Lateness is task
-start − due time. CPU and peak RSS are sampled from the beat and worker processes; "scheduling" is
-the wall time the client took to schedule the alarms. Workloads:
+start − due time. CPU and peak RSS are sampled from the beat and worker processes; "machine CPU" is the
+busy CPU time of every process (PostgreSQL, Redis, beat, worker and this benchmark's client) from the
+start of scheduling to the end of the run, with the share of the cores kept busy from the first due time
+on; "scheduling" is the wall time the client took to schedule the alarms. Workloads:
 
 - ``steady``: ``--rate`` alarms per second due over ``--seconds`` seconds (default 1,000/s × 100 s), and
   ``--low-rate`` over ``--low-seconds`` (default 250/s × 30 s: within what one worker process runs here);
@@ -70,6 +72,10 @@ class Result:
     beat_rss: float | None = None
     worker_cpu: float = 0.0
     worker_rss: float = 0.0
+    #: busy CPU seconds of the whole machine (every process: PostgreSQL, Redis, beat, worker, this
+    #: benchmark) from scheduling to the end of the drain, and the share of its cores they were
+    machine_cpu: float = 0.0
+    machine_busy: float = 0.0
     published_within: float | None = None
     note: str = ""
 
@@ -100,6 +106,9 @@ class Result:
             "worker_cpu_s": round(self.worker_cpu, 2),
             "worker_cpu_ms_per_task": round(1000 * self.worker_cpu / per, 3),
             "worker_peak_rss_mb": round(self.worker_rss, 1),
+            "machine_cpu_s": round(self.machine_cpu, 1),
+            "machine_cpu_ms_per_alarm": round(1000 * self.machine_cpu / per, 3),
+            "machine_busy_pct": round(100 * self.machine_busy),
             "not_run": self.lost,
             "still_scheduled": self.still_scheduled,
             "duplicates": self.duplicates,
@@ -156,18 +165,49 @@ class Proc:
                 self.popen.wait()
 
 
+class _MachineCpu:
+    """Busy CPU time of the whole machine (all cores, every process) since it was made, and the share
+    of the cores it kept busy from ``due`` (the first due time; ``tick`` notes it) to the end."""
+
+    def __init__(self, due: float) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.due = due
+        self.start = self._busy()
+        self.at_due: tuple[float, float] | None = None
+
+    def _busy(self) -> float:
+        times = self.psutil.cpu_times()
+        return float(sum(getattr(times, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq")))
+
+    def tick(self) -> None:
+        if self.at_due is None and time.time() >= self.due:
+            self.at_due = (self._busy(), time.monotonic())
+
+    def used(self) -> tuple[float, float]:
+        """Busy CPU seconds since made, and the busy share of the cores since the first due time."""
+        busy = self._busy()
+        since_busy, since = self.at_due or (self.start, time.monotonic())
+        capacity = (time.monotonic() - since) * (self.psutil.cpu_count() or 1)
+        return busy - self.start, (busy - since_busy) / capacity if capacity > 0 else 0.0
+
+
 class Sampler(threading.Thread):
-    """Samples every process's RSS four times a second."""
+    """Samples every process's RSS four times a second (and notes the machine's CPU at the first due time)."""
 
     def __init__(self, procs: list[Proc]) -> None:
         super().__init__(daemon=True)
         self.procs = procs
+        self.machine: _MachineCpu | None = None
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(0.25):
             for proc in self.procs:
                 proc.sample()
+            if self.machine is not None:
+                self.machine.tick()
 
 
 class Bench:
@@ -396,6 +436,7 @@ class Bench:
             lead = self._lead(system, len(dues))
             base = time.time() + lead
             dues = [base + due for due in dues]
+            sampler.machine = machine = _MachineCpu(min(dues))
             started = time.monotonic()
             if system == PLAIN:
                 self._publish_paced(run, dues)
@@ -405,6 +446,7 @@ class Bench:
             if system != PLAIN and time.time() > dues[0]:
                 notes.append(f"scheduling ran {time.time() - dues[0]:.1f} s past the first due time")
             self._drain(run, dues)
+            result.machine_cpu, result.machine_busy = machine.used()
             result.worker_cpu, result.worker_rss = worker.used()
             beat_procs = procs[1:]
             if beat_procs:
@@ -623,7 +665,7 @@ def table(results: list[Result]) -> str:
     head = (
         "| workload | system | alarms | scheduling s | p50 s | p90 s | p99 s | max s | publish p50 / p99 s "
         "| all published within s | beat CPU s (ms/alarm) | beat peak RSS MB | worker CPU s (ms/task) "
-        "| worker peak RSS MB | not run (still scheduled) | dup | note |"
+        "| worker peak RSS MB | machine CPU s (ms/alarm, busy) | not run (still scheduled) | dup | note |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for result in results:
@@ -635,12 +677,14 @@ def table(results: list[Result]) -> str:
         publish = "–" if row["publish_p50_s"] is None else f"{row['publish_p50_s']} / {row['publish_p99_s']}"
         not_run = f"{row['not_run']:,}" + ("" if row["still_scheduled"] is None else f" ({row['still_scheduled']:,})")
         beat = "–" if row["beat_cpu_s"] is None else f"{row['beat_cpu_s']} ({row['beat_cpu_ms_per_alarm']})"
+        machine = f"{row['machine_cpu_s']} ({row['machine_cpu_ms_per_alarm']}, {row['machine_busy_pct']} %)"
         lines.append(
             f"| {row['workload']} | {row['system']} | {row['alarms']:,} | {row['scheduling_s']} | {cell(row['p50_s'])} "
             f"| {cell(row['p90_s'])} | {cell(row['p99_s'])} | {cell(row['max_s'])} | {publish} "
             f"| {cell(row['published_within_s'])} "
             f"| {beat} | {cell(row['beat_peak_rss_mb'])} | {row['worker_cpu_s']} ({row['worker_cpu_ms_per_task']}) "
-            f"| {row['worker_peak_rss_mb']} | {not_run} | {row['duplicates']:,} | {row['note']} |"
+            f"| {row['worker_peak_rss_mb']} "
+            f"| {machine} | {not_run} | {row['duplicates']:,} | {row['note']} |"
         )
     return "\n".join(lines)
 
