@@ -20,6 +20,9 @@ on; "scheduling" is the wall time the client took to schedule the alarms. Worklo
 - ``beats``: twice the burst published by 1, 2 and 3 of our beats at once (``--beats``), without the
   in-flight cap, for scaling.
 
+``--workers 2`` runs every row with two such worker processes (worker CPU summed, peak RSS the larger
+one's): where one worker process is the bound, it shows what the rest of the system does.
+
 Plus a reference run of plain ``apply_async`` (no delay) at the steady rate: the worker CPU per task
 the others are compared with. A system that has not run an alarm ``--drain`` seconds after the last
 due time has lost it. Needs PostgreSQL on 127.0.0.1:5432 and Redis on 6379 (``pip install -e
@@ -414,6 +417,8 @@ class Bench:
         label = system if beats == 1 else f"{system} × {beats} beats"
         if not capped:
             label += ", no in-flight cap"
+        if self.args.workers > 1:
+            label += f", {self.args.workers} workers"
         print(f"· {workload}: {label}, {len(dues):,} alarms", flush=True)
         self.reset()
         result = Result(workload, label, len(dues))
@@ -422,8 +427,12 @@ class Bench:
             started = time.monotonic()
             done, note = self.background(system, run, pending)
             notes.append(note or f"{done:,} pending in the background (filled in {time.monotonic() - started:.0f} s)")
-        worker = self.worker(run, startup=300 if pending else 60)
-        procs = [worker]
+        # with --workers, each waits for a ping of its own, which any of the started ones may run
+        workers = [
+            self.worker(f"{run}w{index}" if index else run, startup=300 if pending else 60)
+            for index in range(self.args.workers)
+        ]
+        procs = [*workers]
         scheduler = {OURS: "celery_scheduller", DCB: "django_celery_beat.schedulers:DatabaseScheduler"}.get(system)
         if scheduler:
             env = {} if capped else {"BENCH_MAX_IN_FLIGHT": "none"}
@@ -447,8 +456,10 @@ class Bench:
                 notes.append(f"scheduling ran {time.time() - dues[0]:.1f} s past the first due time")
             self._drain(run, dues)
             result.machine_cpu, result.machine_busy = machine.used()
-            result.worker_cpu, result.worker_rss = worker.used()
-            beat_procs = procs[1:]
+            used = [worker.used() for worker in workers]
+            result.worker_cpu = sum(cpu for cpu, _ in used)
+            result.worker_rss = max(rss for _, rss in used)
+            beat_procs = procs[len(workers) :]
             if beat_procs:
                 used = [proc.used() for proc in beat_procs]
                 result.beat_cpu = sum(cpu for cpu, _ in used)
@@ -707,6 +718,9 @@ def main() -> None:
     parser.add_argument("--beats", default="1,2,3", help="beat counts for the scaling run; empty to skip")
     parser.add_argument("--workloads", default="steady,burst,pending,beats")
     parser.add_argument("--systems", default=f"{OURS},{ETA},{DCB}")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes per run (each -P threads -c 8); labels say so"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     if args.quick:

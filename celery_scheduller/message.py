@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -23,6 +24,23 @@ STATUSES: tuple[Status, ...] = ("ok", "error", "timeout")
 
 
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+#: ``\u0000`` in JSON text, not preceded by an escaped backslash (``\\u0000`` is the text "\u0000")
+_NUL_IN_JSON = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+_NO_NUL = "PostgreSQL cannot store the NUL character (\\x00) in text or JSON"
+
+
+def refuse_nul(text: str, where: str) -> None:
+    """Raise ``InvalidAlarm`` if ``text`` holds a NUL character, on every database alike."""
+    if "\x00" in text:
+        raise InvalidAlarm(f"{where} contains a NUL character: {_NO_NUL}")
+
+
+def refuse_nul_in_json(encoded: str, where: str) -> None:
+    """``refuse_nul`` for a value as ``compact_json`` encoded it (a NUL anywhere: a string or a key)."""
+    if "\\u0000" in encoded and _NUL_IN_JSON.search(encoded):
+        raise InvalidAlarm(f"{where} contains a NUL character: {_NO_NUL}")
 
 
 def compact_json(value: Any) -> str:
@@ -174,6 +192,7 @@ class Message:
         """Create a message; ``id`` is generated when omitted, the correlation ids default to it."""
         if not isinstance(service_name, str) or not service_name:
             raise InvalidAlarm(f"service_name must be a non-empty task name, got {service_name!r}")
+        refuse_nul(service_name, "service_name")
         if raw_request is None:
             raw_request = {}
         if not isinstance(raw_request, Mapping):
@@ -185,6 +204,8 @@ class Message:
         for name, value in (("id", message_id), ("correlation_id", correlation_id), ("causation_id", causation_id)):
             if value is not None and (not isinstance(value, str) or not value or len(value) > 255):
                 raise InvalidAlarm(f"{name} must be a non-empty string of at most 255 characters, got {value!r}")
+            if value is not None:
+                refuse_nul(value, name)
         return cls(
             service_name=service_name,
             raw_request=dict(raw_request),

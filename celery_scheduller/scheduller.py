@@ -12,7 +12,7 @@ from django.db import transaction
 from . import registry
 from .conf import settings
 from .exceptions import InvalidAlarm
-from .message import Message, compact_json, to_json_value
+from .message import Message, compact_json, refuse_nul, refuse_nul_in_json, to_json_value
 
 
 @final
@@ -255,6 +255,7 @@ class Scheduller:
             raise InvalidAlarm(
                 f"aggregate_id must be a non-empty string of at most 255 characters, got {aggregate_id!r}"
             )
+        refuse_nul(aggregate_id, "aggregate_id")
         dispatch_at = due_time(at, in_ms, now)
         if check_task:
             _check_task(message.service_name)
@@ -265,6 +266,8 @@ class Scheduller:
         # raise InvalidAlarm naming a field JSON cannot carry
         raw_json = compact_json(to_json_value(scheduled.raw_request, "raw_request"))
         assigns_json = compact_json(to_json_value(scheduled.assigns, "assigns"))
+        refuse_nul_in_json(raw_json, f"message {message.id!r}: raw_request")
+        refuse_nul_in_json(assigns_json, f"message {message.id!r}: assigns")
         size = (
             len(raw_json)
             + len(assigns_json)
@@ -369,7 +372,7 @@ def validate_decision(decision: object, message: Message) -> Decision:
         if decision.message is not None:
             if decision.message.id != message.id:
                 raise InvalidResponse(f"Retry carries message id {decision.message.id!r}, expected {message.id!r}")
-            decision.message.to_json()
+            refuse_nul_in_json(compact_json(decision.message.to_json()), "the message of Retry")
         return decision
     raise InvalidResponse(f"service_responded returned {decision!r}; expected OK or Retry(in_ms, message)")
 

@@ -169,11 +169,8 @@ def _insert_postgresql(alarms: Sequence[NewAlarm], batch_size: int) -> None:
         "%b::timestamptz[], %b::int[]) AS x(m, s, t, r, a, c, ca, ag, d, tm) "
         "ON CONFLICT (message_id) DO NOTHING"
     )
-    # psycopg's own cursor binds parameters on the server, arrays in binary; Django's quotes every string
-    import psycopg
-
-    connection.ensure_connection()
-    with psycopg.Cursor(connection.connection) as cursor:
+    # bound on the server, arrays in binary (``%b``): Django's own cursor would quote every string
+    with _bound_cursor() as cursor:
         for start in range(0, len(alarms), batch_size):
             batch = alarms[start : start + batch_size]
             messages = [new.message for new in batch]

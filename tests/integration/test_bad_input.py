@@ -62,11 +62,39 @@ def msg(**kwargs):
             lambda a: a.dispatch_many([(msg(id="ok-one"), "agg", timezone.now()), (msg(id="bad-one"), "agg", NAIVE)]),
             "naive",
         ),
+        # PostgreSQL stores no NUL in text or JSON; refused on every database alike, before any write
+        (lambda a: a.dispatch(msg(), "agg\x00", in_ms=0), "aggregate_id contains a NUL character"),
+        (lambda a: a.dispatch(msg(raw_request={"k": "a\x00b"}), "agg", in_ms=0), "raw_request contains a NUL"),
+        (lambda a: a.dispatch(msg(raw_request={"k\x00": 1}), "agg", in_ms=0), "raw_request contains a NUL"),
+        (lambda a: a.dispatch(msg().assign("k", ["\x00"]), "agg", in_ms=0), "assigns contains a NUL"),
+        (
+            lambda a: a.dispatch_many(
+                [(msg(id="ok-two"), "agg", timezone.now()), (msg(raw_request={"k": "\x00"}), "agg", timezone.now())]
+            ),
+            "raw_request contains a NUL",
+        ),
     ],
 )
 def test_bad_dispatch_raises_a_clear_error_and_stores_nothing(stored, call, error):
     with pytest.raises(InvalidAlarm, match=error):
         call(stored)
+
+
+def test_text_that_only_spells_a_nul_escape_is_stored_as_it_is(stored):
+    """The check looks for the character, not for its JSON escape written out as text."""
+    spelled = {"path": "C:\\u0000", "escaped": "\\\\u0000", "key\\u0000": 1}
+    stored.dispatch(msg(id="spelled", raw_request=spelled), "agg\\u0000", in_ms=60_000)
+    row = Alarm.objects.get(message_id="spelled")
+    assert (row.raw_request, row.aggregate_id) == (spelled, "agg\\u0000")
+    row.delete()  # the fixture checks that only its own alarm is left
+
+
+def test_message_ids_and_task_name_refuse_nul_where_the_message_is_made():
+    for fields in ({"id": "a\x00"}, {"correlation_id": "\x00"}, {"causation_id": "c\x00"}):
+        with pytest.raises(InvalidAlarm, match="contains a NUL character"):
+            msg(**fields)
+    with pytest.raises(InvalidAlarm, match="service_name contains a NUL"):
+        Message.new("testapp.record\x00")
 
 
 def test_raw_request_must_be_keyword_arguments():

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import OrderedDict, UserDict
 from enum import IntEnum
 
 import pytest
 
 from celery_scheduller import OK, InvalidAlarm, InvalidResponse, Message, Response, Retry
-from celery_scheduller.message import to_json_value
+from celery_scheduller.message import compact_json, refuse_nul_in_json, to_json_value
 from celery_scheduller.scheduller import due_time, validate_decision
 
 NOW = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
@@ -130,3 +131,27 @@ def test_validate_decision_accepts_ok_and_retry_of_the_same_message_only():
         validate_decision(Retry(5, Message.new("t", id="y")), message)
     with pytest.raises(InvalidAlarm):
         validate_decision(Retry(5, message.assign("bad", object())), message)
+    with pytest.raises(InvalidAlarm, match="the message of Retry contains a NUL character"):
+        validate_decision(Retry(5, message.assign("bad", "\x00")), message)
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [
+        ("\x00", True),
+        ({"k\x00": 1}, True),
+        ({"k": ["a", "b\x00c"]}, True),
+        ("\\\x00", True),  # a backslash, then the character
+        ("\\u0000", False),  # the six characters \u0000
+        ("\\\\u0000", False),
+        ({"u0000": "\\"}, False),
+    ],
+)
+def test_refuse_nul_in_json_finds_the_character_not_its_spelling(value, refused):
+    encoded = compact_json(value)
+    if refused:
+        with pytest.raises(InvalidAlarm, match="NUL"):
+            refuse_nul_in_json(encoded, "value")
+    else:
+        refuse_nul_in_json(encoded, "value")
+        assert json.loads(encoded) == value
