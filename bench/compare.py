@@ -522,19 +522,23 @@ class Bench:
         result.lost = len(dues) - len(starts)
         result.duplicates = total - len(starts)
         if result.duplicates:  # which runs were repeats of the same message, which of a new attempt
-            runs = [raw.decode().split()[::4] for raw in self.hits.lrange(key, 0, -1)]
-            repeated = {n for n, count in Counter(n for n, _task_id in runs).items() if count > 1}
-            same_id = sum(count - 1 for count in Counter(t for n, t in runs if n in repeated).values())
+            task_ids = Counter(task_id for *_fields, task_id in self._hits(key))
+            same_id = sum(count - 1 for count in task_ids.values())
             return f"duplicates: {same_id} reruns of the same task id, {result.duplicates - same_id} new attempts"
         return None
+
+    def _hits(self, key: str) -> Iterator[tuple[int, float, float | None, str]]:
+        """Every run recorded by ``bench.hit``: (n, started, published by beat or None, task id)."""
+        for raw in self.hits.lrange(key, 0, -1):
+            n, _due, started, published, task_id = raw.decode().split()
+            yield int(n), float(started), None if published == "-" else float(published), task_id
 
     def _starts(self, key: str) -> dict[int, tuple[float, float | None]]:
         """Each alarm's first run: (started, published by beat or None)."""
         first: dict[int, tuple[float, float | None]] = {}
-        for raw in self.hits.lrange(key, 0, -1):
-            n, _due, started, published, _task_id = raw.decode().split()
-            if int(n) not in first or float(started) < first[int(n)][0]:
-                first[int(n)] = (float(started), None if published == "-" else float(published))
+        for n, started, published, _task_id in self._hits(key):
+            if n not in first or started < first[n][0]:
+                first[n] = (started, published)
         return first
 
     def _published_within(self, system: str, run: str, beats: int, first_due: float, count: int) -> float | None:

@@ -152,7 +152,9 @@ def _stop_writer(**_: Any) -> None:
 
 def connect() -> None:
     """Connect the hooks to Celery's signals (idempotent)."""
-    signals.worker_process_shutdown.connect(_stop_writer, weak=False, dispatch_uid="celery_scheduller.stop_child")
+    signals.worker_process_shutdown.connect(
+        _stop_writer, weak=False, dispatch_uid="celery_scheduller.stop_writer_child"
+    )
     signals.worker_shutdown.connect(_stop_writer, weak=False, dispatch_uid="celery_scheduller.stop_writer")
     signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid="celery_scheduller.prerun")
     signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid="celery_scheduller.postrun")

@@ -202,10 +202,11 @@ class Message:
             )
         message_id = uuid.uuid4().hex if id is None else id
         for name, value in (("id", message_id), ("correlation_id", correlation_id), ("causation_id", causation_id)):
-            if value is not None and (not isinstance(value, str) or not value or len(value) > 255):
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value or len(value) > 255:
                 raise InvalidAlarm(f"{name} must be a non-empty string of at most 255 characters, got {value!r}")
-            if value is not None:
-                refuse_nul(value, name)
+            refuse_nul(value, name)
         return cls(
             service_name=service_name,
             raw_request=dict(raw_request),
