@@ -93,6 +93,7 @@ class ResponseWriter:
     def _run(self, pending: queue.SimpleQueue[Decided | threading.Event]) -> None:
         from django.db import connection
 
+        _own_connection()
         stops: list[threading.Event] = []
         while not stops or not pending.empty():  # once stopping, also what was submitted meanwhile
             batch = [pending.get()]
@@ -135,6 +136,24 @@ class ResponseWriter:
                         len(decisions),
                         extra={"action": "hook_error", "alarm_ids": [d.answered.id for d in decisions][:20]},
                     )
+
+
+def _own_connection() -> None:
+    """Give the calling thread a database connection outside Django's connection pool (Django 5.1+,
+    ``OPTIONS["pool"]``). The pool is shared by the process's threads, and Celery's Django fixup closes
+    it around every task in a prefork child: a writer that drew from it would find it closed when it
+    connects (``PoolClosed``) and lose the batch. Without a pool configured, the thread's own connection
+    is already its own."""
+    import copy
+
+    from django.db import DEFAULT_DB_ALIAS, connections
+
+    current = connections[DEFAULT_DB_ALIAS]
+    if not current.settings_dict.get("OPTIONS", {}).get("pool"):
+        return
+    settings_dict = copy.deepcopy(current.settings_dict)
+    settings_dict["OPTIONS"].pop("pool")
+    connections[DEFAULT_DB_ALIAS] = type(current)(settings_dict, DEFAULT_DB_ALIAS)  # this thread only
 
 
 def _batch_wait() -> float:
