@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 
 import pytest
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -140,3 +141,44 @@ def test_responses_that_come_within_the_batch_wait_are_stored_together(settings,
         assert writer.stop(timeout=30)
     assert calls == [10]
     assert Alarm.objects.filter(message_id__startswith="wait-", state=states.FINISHED).count() == 10
+
+
+@postgres_only
+def test_the_writer_stores_while_celery_closes_the_connection_pool(monkeypatch):
+    """With Django's connection pool (``OPTIONS["pool"]``), Celery's Django fixup closes the process's
+    pool around every task in a prefork child: ``close_pool`` closes the pool, then unregisters it. A
+    writer that connected through the pool in between got ``PoolClosed`` on both tries and lost its
+    batch (seen in CI as a reminder sent twice). Here the pool is held in that state while the writer
+    connects."""
+    published = _published(TestAlarms(), "testapp.record", 5, "pool-")
+    now = timezone.now()
+    decided = [responses.decide(ref, message, Response("ok"), now) for ref, message in published]
+    shared = connections.settings[DEFAULT_DB_ALIAS]  # the settings every thread's connection is made from
+    monkeypatch.setitem(shared, "OPTIONS", {**shared["OPTIONS"], "pool": {"min_size": 1, "max_size": 2}})
+    monkeypatch.setitem(shared, "CONN_MAX_AGE", 0)
+    closing = connections[DEFAULT_DB_ALIAS].pool
+    closing.open()  # a pool the process's tasks have used
+    closing.close()  # what close_pool does first; the pool stays registered until it returns
+    failures: list[str] = []
+    handler = _Collect(failures)
+    logging.getLogger("celery_scheduller").addHandler(handler)
+    writer = ResponseWriter()
+    try:
+        for one in decided:
+            writer.submit(one)
+        assert writer.flush(timeout=30)
+    finally:
+        assert writer.stop(timeout=30)
+        logging.getLogger("celery_scheduller").removeHandler(handler)
+        connections[DEFAULT_DB_ALIAS]._connection_pools.pop(DEFAULT_DB_ALIAS, None)  # as close_pool ends
+    assert failures == []
+    assert Alarm.objects.filter(message_id__startswith="pool-", state=states.FINISHED).count() == 5
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
