@@ -132,19 +132,13 @@ def test_responses_that_come_within_the_batch_wait_are_stored_together(settings,
         return store_many(decisions)
 
     monkeypatch.setattr(responses, "store_many", counted)
-    writer = ResponseWriter()
-    try:
-        for one in decided:
-            writer.submit(one)
-        assert writer.flush(timeout=30)
-    finally:
-        assert writer.stop(timeout=30)
+    _store_through_a_writer(decided)
     assert calls == [10]
     assert Alarm.objects.filter(message_id__startswith="wait-", state=states.FINISHED).count() == 10
 
 
 @postgres_only
-def test_the_writer_stores_while_celery_closes_the_connection_pool(monkeypatch):
+def test_the_writer_stores_while_celery_closes_the_connection_pool(monkeypatch, caplog):
     """With Django's connection pool (``OPTIONS["pool"]``), Celery's Django fixup closes the process's
     pool around every task in a prefork child: ``close_pool`` closes the pool, then unregisters it. A
     writer that connected through the pool in between got ``PoolClosed`` on both tries and lost its
@@ -159,26 +153,21 @@ def test_the_writer_stores_while_celery_closes_the_connection_pool(monkeypatch):
     closing = connections[DEFAULT_DB_ALIAS].pool
     closing.open()  # a pool the process's tasks have used
     closing.close()  # what close_pool does first; the pool stays registered until it returns
-    failures: list[str] = []
-    handler = _Collect(failures)
-    logging.getLogger("celery_scheduller").addHandler(handler)
+    caplog.set_level(logging.ERROR, logger="celery_scheduller")
+    try:
+        _store_through_a_writer(decided)
+    finally:
+        connections[DEFAULT_DB_ALIAS]._connection_pools.pop(DEFAULT_DB_ALIAS, None)  # as close_pool ends
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+    assert Alarm.objects.filter(message_id__startswith="pool-", state=states.FINISHED).count() == 5
+
+
+def _store_through_a_writer(decided: list[responses.Decided]) -> None:
+    """Submit every decision to a writer of its own, wait until they are stored, stop it."""
     writer = ResponseWriter()
     try:
         for one in decided:
             writer.submit(one)
         assert writer.flush(timeout=30)
     finally:
-        assert writer.stop(timeout=30)
-        logging.getLogger("celery_scheduller").removeHandler(handler)
-        connections[DEFAULT_DB_ALIAS]._connection_pools.pop(DEFAULT_DB_ALIAS, None)  # as close_pool ends
-    assert failures == []
-    assert Alarm.objects.filter(message_id__startswith="pool-", state=states.FINISHED).count() == 5
-
-
-class _Collect(logging.Handler):
-    def __init__(self, into: list[str]) -> None:
-        super().__init__(logging.ERROR)
-        self.into = into
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.into.append(record.getMessage())
+        assert writer.stop(timeout=30)  # closes the writer's connection: the test database can be dropped
