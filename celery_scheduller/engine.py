@@ -21,7 +21,7 @@ from . import notify, registry, responses, signals, store
 from .conf import settings
 from .hooks import header_of, task_id_of
 from .message import Message, Response
-from .planning import DueHeap, Window, next_wakeup
+from .planning import DueHeap, Window, claim_gap, next_wakeup
 from .scheduller import Scheduller, known_tasks
 
 logger = logging.getLogger("celery_scheduller")
@@ -29,8 +29,11 @@ logger = logging.getLogger("celery_scheduller")
 
 #: Seconds between reads of the LISTEN connection: how soon an alarm dispatched already due is noticed.
 LISTEN_INTERVAL = 0.1
-#: Seconds between two claims of held alarms: batches a stream of due times.
-MIN_CLAIM_GAP = 0.02
+#: Seconds between two claims of held alarms (``planning.claim_gap``): a stream of due times is claimed in
+#: batches of about CLAIM_BATCH alarms, at most every MAX_CLAIM_GAP and at least MIN_CLAIM_GAP apart.
+MAX_CLAIM_GAP = 0.02
+MIN_CLAIM_GAP = 0.005
+CLAIM_BATCH = 10
 #: Seconds between looks at the number in flight while MAX_IN_FLIGHT holds claims back.
 THROTTLE_PAUSE = 0.05
 
@@ -179,6 +182,8 @@ class AlarmEngine:
         self._sender = _TaskSender(app)
         self._backlog = False
         self._claimed_at = float("-inf")
+        self._claimed = 0  # by the last claim
+        self._claim_gap = MAX_CLAIM_GAP
         self._throttled = False
 
     def tick(self, now: float, producer: Any) -> float:
@@ -196,6 +201,9 @@ class AlarmEngine:
         waited = self._throttled and now >= self._claimed_at + THROTTLE_PAUSE
         if self.heap.pop_due(now) or polling or self._backlog or waited:
             more = self._backlog = self._publish_due(names, to_datetime(now), producer)
+            self._claim_gap = claim_gap(
+                self._claimed, now - self._claimed_at, CLAIM_BATCH, MIN_CLAIM_GAP, MAX_CLAIM_GAP
+            )
             self._claimed_at = now
         if polling:
             more = self._answer_timeouts(names, to_datetime(now)) or more
@@ -222,10 +230,10 @@ class AlarmEngine:
         self.listener.close()
 
     def _next_claim(self) -> float | None:
-        """When the next held alarm is due, claims at most every MIN_CLAIM_GAP so a stream of due times
+        """When the next held alarm is due, claims at most every ``_claim_gap`` so a stream of due times
         is published in batches rather than one claim per alarm."""
         due = self.heap.next_due()
-        return None if due is None else max(due, self._claimed_at + MIN_CLAIM_GAP)
+        return None if due is None else max(due, self._claimed_at + self._claim_gap)
 
     def _hold_announced(self, names: Sequence[str]) -> None:
         """Hold alarms dispatched (by any process) into windows already loaded, as their owners announced."""
@@ -307,6 +315,7 @@ class AlarmEngine:
         limit = settings.positive_ms("BATCH_SIZE")
         started = time.perf_counter()
         self._throttled = False
+        self._claimed = 0
         cap = settings.max_in_flight()
         capped = False
         if cap is not None:
@@ -316,6 +325,7 @@ class AlarmEngine:
                 return False
             capped, limit = room < limit, min(limit, room)
         rows = store.claim_due(names, now, limit)
+        self._claimed = len(rows)
         if not rows:
             return False
         claimed = time.perf_counter()

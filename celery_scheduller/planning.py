@@ -78,3 +78,16 @@ def next_wakeup(now: float, *moments: float | None) -> float:
     if not upcoming:
         raise ValueError("next_wakeup needs at least one moment")
     return max(0.0, min(upcoming) - now)
+
+
+def claim_gap(claimed: int, elapsed: float, per_claim: int, shortest: float, longest: float) -> float:
+    """Seconds to wait before the next claim of held alarms, after one that took ``claimed`` alarms
+    ``elapsed`` seconds after the one before.
+
+    Claims batch a stream of due times: the gap is the time the stream took to bring ``per_claim``
+    alarms, between ``shortest`` and ``longest``. A fast stream is claimed more often in batches of
+    about ``per_claim`` (less waiting before publish, smoother work for the workers); a slow one at most
+    every ``longest``, so beat's cost per alarm stays bounded."""
+    if claimed <= 0 or elapsed <= 0:
+        return longest
+    return min(longest, max(shortest, elapsed * per_claim / claimed))

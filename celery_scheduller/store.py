@@ -217,6 +217,13 @@ def due_times_between(
 
 def count_in_flight(schedullers: Sequence[str], up_to: int) -> int:
     """How many attempts of these Schedullers are published and unanswered, counting at most ``up_to``."""
+    if connection.vendor == "postgresql":  # beat asks before every claim: a prepared statement, not the ORM
+        with _bound_cursor() as cursor:
+            cursor.execute(
+                f"SELECT count(*) FROM (SELECT 1 FROM {_ALARM} WHERE state = %s AND scheduller = ANY(%s) LIMIT %s) f",
+                [states.PUBLISHED, list(schedullers), up_to],
+            )
+            return int(cursor.fetchone()[0])
     return Alarm.objects.filter(state=states.PUBLISHED, scheduller__in=schedullers).values("pk")[:up_to].count()
 
 

@@ -14,7 +14,7 @@ from celery_scheduller import Message, Response, states, store
 from celery_scheduller.models import Alarm, AlarmAttempt
 from celery_scheduller.responses import respond
 from tests.conftest import run_beat
-from tests.testapp.alarms import TestAlarms
+from tests.testapp.alarms import FaultAlarms, TestAlarms
 from tests.testapp.models import Run
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -144,6 +144,18 @@ def test_beat_keeps_at_most_max_in_flight_attempts_published_and_claims_more_as_
     scheduler.tick_alarms(time.time())
     assert scheduler.alarm_engine.published == 7
     assert Alarm.objects.filter(message_id__startswith="capped-", state=states.PUBLISHED).count() == 4
+
+
+def test_the_in_flight_count_is_of_the_named_schedullers_published_attempts_and_stops_at_its_cap():
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    TestAlarms().dispatch_many([(Message.new("testapp.stale", id=f"ours-{n}"), "agg", past) for n in range(6)])
+    FaultAlarms().dispatch_many([(Message.new("testapp.stale", id=f"theirs-{n}"), "agg", past) for n in range(3)])
+    store.claim_due([TestAlarms.name], dt.datetime.now(dt.UTC), 5)  # five of ours published, one pending
+    store.claim_due([FaultAlarms.name], dt.datetime.now(dt.UTC), 10)
+    assert store.count_in_flight([TestAlarms.name], 100) == 5
+    assert store.count_in_flight([TestAlarms.name], 3) == 3
+    assert store.count_in_flight([TestAlarms.name, FaultAlarms.name], 100) == 8
+    assert store.count_in_flight(["nobody"], 100) == 0
 
 
 def test_a_bad_max_in_flight_is_a_system_check_error(settings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from celery_scheduller.planning import DueHeap, Window, next_wakeup
+from celery_scheduller.planning import DueHeap, Window, claim_gap, next_wakeup
 
 
 def test_first_load_covers_everything_up_to_two_intervals_ahead():
@@ -62,3 +62,13 @@ def test_next_wakeup_is_the_earliest_moment_never_negative():
     assert next_wakeup(100.0, 99.0, 101.0) == 0.0
     with pytest.raises(ValueError, match="at least one moment"):
         next_wakeup(100.0, None)
+
+
+def test_claims_come_as_often_as_the_stream_brings_a_batch_within_their_bounds():
+    # 1,000/s claimed every 20 ms brought 20: claim every 10 ms, about 10 at a time
+    assert claim_gap(20, 0.02, 10, 0.005, 0.02) == pytest.approx(0.01)
+    assert claim_gap(10, 0.01, 10, 0.005, 0.02) == pytest.approx(0.01)  # and it stays there
+    assert claim_gap(100, 0.02, 10, 0.005, 0.02) == 0.005  # 5,000/s: never closer than the shortest
+    assert claim_gap(5, 0.02, 10, 0.005, 0.02) == 0.02  # 250/s: never further apart than the longest
+    assert claim_gap(1, float("inf"), 10, 0.005, 0.02) == 0.02  # the first claim
+    assert claim_gap(0, 0.02, 10, 0.005, 0.02) == 0.02  # nothing was due (another beat took it)
