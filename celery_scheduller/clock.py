@@ -41,12 +41,16 @@ class DatabaseClock:
         if connection.vendor == "sqlite":
             self.offset = 0.0
             return
-        before = self.local()
+        # Connect first: the server reads its clock when the statement runs, so a connection set up
+        # between the two local readings would put the midpoint early and this clock ahead by half of it.
+        connection.ensure_connection()
         with connection.cursor() as cursor:
-            # MySQL/MariaDB's CURRENT_TIMESTAMP has whole seconds only: ask for microseconds, in UTC
-            cursor.execute("SELECT UTC_TIMESTAMP(6)" if connection.vendor == "mysql" else "SELECT CURRENT_TIMESTAMP")
+            before = self.local()
+            # the time the statement runs, not its transaction's start (CURRENT_TIMESTAMP, NOW()), which
+            # inside a transaction is as old as the transaction; MariaDB's has microseconds when asked, in UTC
+            cursor.execute("SELECT UTC_TIMESTAMP(6)" if connection.vendor == "mysql" else "SELECT clock_timestamp()")
             (server,) = cursor.fetchone()
-        after = self.local()
+            after = self.local()
         if server.tzinfo is None:  # UTC_TIMESTAMP is naive
             server = server.replace(tzinfo=dt.UTC)
         self.offset = server.timestamp() - (before + after) / 2

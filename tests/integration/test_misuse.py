@@ -7,6 +7,8 @@ import time
 
 import pytest
 from django.conf import settings
+from django.db import connection, transaction
+from django.db.backends.signals import connection_created
 from django.test import override_settings
 from django.utils import timezone
 
@@ -81,6 +83,31 @@ def test_row_edited_into_an_unknown_state_is_kept_and_reported(beat):
     beat().tick_alarms(time.time())
     assert Alarm.objects.get(message_id="bogus").state == "running?"
     assert status.collect(timezone.now())["schedullers"]["tests"]["counts"]["running?"] == 1
+
+
+@server_database_only
+def test_the_database_clock_is_read_as_the_statement_runs_not_when_connecting_or_the_transaction_began():
+    """On the same host the offset is about zero. A slow connection set up between the two local readings
+    used to put this clock ahead by half of it (alarms claimed early for the first minute of a process);
+    inside a transaction PostgreSQL's CURRENT_TIMESTAMP is the transaction's start."""
+
+    def slow(sender, connection, **_):
+        time.sleep(0.3)
+
+    connection.close()
+    connection_created.connect(slow)
+    try:
+        clock = DatabaseClock()
+        clock.now()  # connects, slowly, then measures
+    finally:
+        connection_created.disconnect(slow)
+    assert abs(clock.offset) < 0.05, clock.offset
+    with transaction.atomic():
+        connection.cursor().execute("SELECT 1")  # the transaction has begun on the server
+        time.sleep(0.3)
+        clock = DatabaseClock()
+        clock.now()
+    assert abs(clock.offset) < 0.05, clock.offset
 
 
 @server_database_only

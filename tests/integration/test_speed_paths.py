@@ -76,6 +76,26 @@ def test_a_full_batch_is_followed_by_the_next_claim_at_once_not_by_the_poll(beat
     assert not Alarm.objects.filter(message_id__startswith="backlog-", state=states.PENDING).exists()
 
 
+def test_a_fast_stream_of_due_times_is_claimed_in_batches_of_about_ten(beat, settings):
+    """2,000 alarms a second held in the window: after the first claim (20 ms apart, as a slow stream),
+    beat claims every 5 ms, about ten at a time. The ticks are given their time (no due time falls on
+    one), so it is exact."""
+    settings.CELERY_SCHEDULLER_POLL_INTERVAL = 60_000
+    base = time.time() + 2
+    due = [dt.datetime.fromtimestamp(base - 0.00025 + n / 2000, dt.UTC) for n in range(100)]
+    TestAlarms().dispatch_many((Message.new("testapp.stale", id=f"stream-{n}"), "agg", due[n]) for n in range(100))
+    scheduler = beat()
+    scheduler.tick_alarms(base - 1)  # loads the window; nothing due yet
+    assert len(scheduler.alarm_engine.heap) == 100
+    claimed, now = [], base
+    for _ in range(4):
+        before = scheduler.alarm_engine.published
+        delay = scheduler.tick_alarms(now)
+        claimed.append((scheduler.alarm_engine.published - before, round(delay, 4)))
+        now += delay
+    assert claimed == [(1, 0.02), (40, 0.005), (10, 0.005), (10, 0.005)]
+
+
 def _ours(queries: CaptureQueriesContext) -> list[str]:
     """The statements on the package's tables (TestAlarms.service_responded writes rows of its own)."""
     return [query["sql"] for query in queries.captured_queries if "celery_scheduller_" in query["sql"]]
