@@ -13,7 +13,8 @@ one fault while they come due, waits until every alarm has ended, and prints one
 - still pending at the end: alarms not yet delivered when the drain time ran out (a backlog, not a loss;
   the short version requires 0);
 - double-published: attempts (message id, attempt) published more than once (must be 0);
-- same-attempt reruns: an attempt executed twice (allowed only for a task on a killed worker);
+- same-attempt reruns: an attempt executed twice (the broker delivered a message the worker had not
+  acknowledged again: a killed worker, a cut connection);
 - re-executions: alarms executed under more than one attempt (a hung, lost or timed-out attempt was retried);
 - worst lateness: first execution minus due time.
 """
