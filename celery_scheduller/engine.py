@@ -182,7 +182,6 @@ class AlarmEngine:
         self._sender = _TaskSender(app)
         self._backlog = False
         self._claimed_at = float("-inf")
-        self._claimed = 0  # by the last claim
         self._claim_gap = MAX_CLAIM_GAP
         self._throttled = False
 
@@ -201,9 +200,6 @@ class AlarmEngine:
         waited = self._throttled and now >= self._claimed_at + THROTTLE_PAUSE
         if self.heap.pop_due(now) or polling or self._backlog or waited:
             more = self._backlog = self._publish_due(names, to_datetime(now), producer)
-            self._claim_gap = claim_gap(
-                self._claimed, now - self._claimed_at, CLAIM_BATCH, MIN_CLAIM_GAP, MAX_CLAIM_GAP
-            )
             self._claimed_at = now
         if polling:
             more = self._answer_timeouts(names, to_datetime(now)) or more
@@ -315,7 +311,7 @@ class AlarmEngine:
         limit = settings.positive_ms("BATCH_SIZE")
         started = time.perf_counter()
         self._throttled = False
-        self._claimed = 0
+        self._claim_gap = MAX_CLAIM_GAP  # nothing claimed: as for a slow stream
         cap = settings.max_in_flight()
         capped = False
         if cap is not None:
@@ -325,7 +321,8 @@ class AlarmEngine:
                 return False
             capped, limit = room < limit, min(limit, room)
         rows = store.claim_due(names, now, limit)
-        self._claimed = len(rows)
+        elapsed = now.timestamp() - self._claimed_at
+        self._claim_gap = claim_gap(len(rows), elapsed, CLAIM_BATCH, MIN_CLAIM_GAP, MAX_CLAIM_GAP)
         if not rows:
             return False
         claimed = time.perf_counter()

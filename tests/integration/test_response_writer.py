@@ -31,14 +31,19 @@ def _published(alarms, service: str, count: int, prefix: str) -> list[tuple[stor
     return [(store.AttemptRef.of_row(row), store.message_from_row(row)) for row in rows]
 
 
+def _oks(published: list[tuple[store.AttemptRef, Message]]) -> list[responses.Decided]:
+    """What ``service_responded`` decides when each of these attempts answers ``OK`` now."""
+    now = timezone.now()
+    return [responses.decide(ref, message, Response("ok"), now) for ref, message in published]
+
+
 @postgres_only
 def test_many_oks_are_stored_in_one_statement_and_a_stale_one_is_ignored(settings):
     settings.CELERY_SCHEDULLER_KEEP_FINISHED = None  # the seed's default: a finished alarm leaves the table
     published = _published(TestAlarms(), "testapp.record", 10, "many-")
-    now = timezone.now()
-    decided = [responses.decide(ref, message, Response("ok"), now) for ref, message in published]
+    decided = _oks(published)
     stale_ref = published[0][0]
-    store.finish(stale_ref, Response("ok"), now, keep_history=False)  # answered meanwhile
+    store.finish(stale_ref, Response("ok"), timezone.now(), keep_history=False)  # answered meanwhile
     with CaptureQueriesContext(connection) as queries:
         actions = responses.store_many(decided)
     ours = [q["sql"] for q in queries.captured_queries if "celery_scheduller_alarm" in q["sql"]]
@@ -122,8 +127,7 @@ def test_the_worker_does_not_reconnect_to_the_database_for_every_task(beat):
 def test_responses_that_come_within_the_batch_wait_are_stored_together(settings, monkeypatch):
     settings.CELERY_SCHEDULLER_RESPONSE_BATCH_WAIT = 300
     published = _published(TestAlarms(), "testapp.record", 10, "wait-")
-    now = timezone.now()
-    decided = [responses.decide(ref, message, Response("ok"), now) for ref, message in published]
+    decided = _oks(published)
     calls: list[int] = []
     store_many = responses.store_many
 
@@ -145,8 +149,7 @@ def test_the_writer_stores_while_celery_closes_the_connection_pool(monkeypatch, 
     batch (seen in CI as a reminder sent twice). Here the pool is held in that state while the writer
     connects."""
     published = _published(TestAlarms(), "testapp.record", 5, "pool-")
-    now = timezone.now()
-    decided = [responses.decide(ref, message, Response("ok"), now) for ref, message in published]
+    decided = _oks(published)
     shared = connections.settings[DEFAULT_DB_ALIAS]  # the settings every thread's connection is made from
     monkeypatch.setitem(shared, "OPTIONS", {**shared["OPTIONS"], "pool": {"min_size": 1, "max_size": 2}})
     monkeypatch.setitem(shared, "CONN_MAX_AGE", 0)
