@@ -146,7 +146,8 @@ def test_a_timed_out_attempt_redelivered_late_does_not_run_next_to_its_retry(bea
         10,
         "attempt 1 to time out and attempt 2 to be published",
     )
-    assert list(Answer.objects.values_list("status", flat=True)) == ["timeout"]
+    # this alarm's answers: a task an earlier test left in the default queue may answer its own meanwhile
+    assert list(Answer.objects.filter(message_id="stale-1").values_list("status", flat=True)) == ["timeout"]
     late_worker = start_worker(tmp_path / "stale.log", "-c", "2", "-Q", "stale", "-n", "csched-stale@%h")
     try:
         run = wait_for(lambda: Run.objects.filter(message_id="stale-1").first(), 15, "the retry to run")
