@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import datetime as dt
 import json
@@ -478,6 +479,8 @@ class Bench:
                 proc.stop()
         # counted once nothing runs any more: a task finishing meanwhile would be neither run nor scheduled
         notes.append(self._tally(run, dues, result) or "")
+        if self.args.timeline:
+            self._write_timeline(run, f"{workload}: {label}", dues)
         result.still_scheduled = self._still_scheduled(system, run)
         if result.still_scheduled is not None and result.still_scheduled < result.lost:
             notes.append(self._unaccounted(run, len(dues)))
@@ -530,7 +533,7 @@ class Bench:
     def _hits(self, key: str) -> Iterator[tuple[int, float, float | None, str]]:
         """Every run recorded by ``bench.hit``: (n, started, published by beat or None, task id)."""
         for raw in self.hits.lrange(key, 0, -1):
-            n, _due, started, published, task_id = raw.decode().split()
+            n, _due, started, published, task_id, _worker = raw.decode().split()
             yield int(n), float(started), None if published == "-" else float(published), task_id
 
     def _starts(self, key: str) -> dict[int, tuple[float, float | None]]:
@@ -540,6 +543,17 @@ class Bench:
             if n not in first or started < first[n][0]:
                 first[n] = (started, published)
         return first
+
+    def _write_timeline(self, run: str, title: str, dues: list[float]) -> None:
+        """Every run of the run's tasks, in start order, for a look at when and where lateness grew."""
+        self.args.timeline.mkdir(parents=True, exist_ok=True)
+        rows = sorted(raw.decode().split() for raw in self.hits.lrange(f"hits:{run}", 0, -1))
+        with (self.args.timeline / f"{run}.csv").open("w", newline="") as out:
+            out.write(f"# {title}\n")
+            writer = csv.writer(out)
+            writer.writerow(["n", "due", "published", "started", "task_id", "worker"])
+            for n, _due, started, published, task_id, worker in sorted(rows, key=lambda row: float(row[2])):
+                writer.writerow([n, repr(dues[int(n)]), published, started, task_id, worker])
 
     def _published_within(self, system: str, run: str, beats: int, first_due: float, count: int) -> float | None:
         """Seconds from the first due time until beat had published every alarm (from beat's log)."""
@@ -726,6 +740,12 @@ def main() -> None:
         "--workers", type=int, default=1, help="worker processes per run (each -P threads -c 8); labels say so"
     )
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--timeline",
+        type=Path,
+        metavar="DIR",
+        help="also write each run's task starts to DIR/<run>.csv (due, published, started, worker)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rate, args.seconds, args.burst, args.pending, args.pending_rate = 200, 5, 1_000, 20_000, 100

@@ -27,10 +27,11 @@ def _published_at(request: Any) -> str:
 
 @shared_task(name="bench.hit", bind=True)
 def hit(self: Any, run: str, n: int, due: float) -> None:
-    """Record ``n due started published task-id`` for the run; lateness is started − due. The task id
-    (``<message id>#<attempt>`` for celery_scheduller) tells a redelivered message from a new attempt."""
+    """Record ``n due started published task-id worker`` for the run; lateness is started − due. The task
+    id (``<message id>#<attempt>`` for celery_scheduller) tells a redelivered message from a new attempt."""
     started = time.time()
-    _hits.rpush(f"hits:{run}", f"{n} {due!r} {started!r} {_published_at(self.request)} {self.request.id}")
+    request = self.request
+    _hits.rpush(f"hits:{run}", f"{n} {due!r} {started!r} {_published_at(request)} {request.id} {request.hostname}")
 
 
 @shared_task(name="bench.ping")
