@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from . import registry, signals, store
 from .conf import settings
 from .message import Message, Response
-from .scheduller import Retry, validate_decision
+from .scheduller import Retry, due_time, validate_decision
 
 logger = logging.getLogger("celery_scheduller")
 
@@ -55,6 +55,7 @@ def decide(ref: store.AttemptRef, message: Message, response: Response, now: dt.
     try:
         scheduller = registry.get(ref.scheduller)
         decision = validate_decision(scheduller.service_responded(answered), message)
+        due = due_time(None, decision.in_ms, now) if isinstance(decision, Retry) else None
     except Exception:
         backoff = settings.positive_ms("ERROR_BACKOFF")
         logger.exception(
@@ -67,9 +68,8 @@ def decide(ref: store.AttemptRef, message: Message, response: Response, now: dt.
         again = message.assign("dispatch_at", due)
         timeout = _timeout_or_default(ref, again)
         return Decided(ref, answered, now, "error_backoff", again, due, timeout, "error back-off")
-    if not isinstance(decision, Retry):  # validate_decision let only OK through besides Retry
+    if not isinstance(decision, Retry) or due is None:  # validate_decision let only OK through besides Retry
         return Decided(ref, answered, now, "finished")
-    due = now + dt.timedelta(milliseconds=decision.in_ms)
     again = (decision.message or message).with_response(None).assign("dispatch_at", due)
     return Decided(
         ref, answered, now, "retried", again, due, _timeout_or_default(ref, again), f"retry in {decision.in_ms} ms"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Final, final
 
 from django.db import transaction
@@ -52,6 +52,10 @@ Decision = _Ok | Retry
 
 _DEFAULT_INTERVAL_MS = 60_000
 _DEFAULT_TIMEOUT_MS = 5_000
+#: the longest dispatch_timeout: what the timeout_ms column holds on PostgreSQL and MariaDB (2**31 - 1)
+MAX_TIMEOUT_MS: Final = 2_147_483_647
+# dispatch_many checks and stores alarms this many at a time (on PostgreSQL one stored while the next is checked)
+_DISPATCH_BATCH = 2_000
 
 
 def _now() -> dt.datetime:
@@ -98,18 +102,24 @@ class Scheduller:
 
         Overrides must call ``super().save_alarm``: beat claims and publishes from the package's table.
         """
-        self._insert(self._new_alarms([(message, aggregate_id, None, None)]))
+        self._insert([self._new_alarms([(message, aggregate_id, None, None)])])
 
-    def _insert(self, alarms: list[Any]) -> None:
-        """Store new alarms; announce the earliest to listening beats when it may be in a loaded window."""
+    def _insert(self, batches: Iterable[list[Any]]) -> None:
+        """Store batches of new alarms, each made when the previous one is sent; announce the earliest to
+        listening beats when it may be in a loaded window."""
         from . import store
         from .conf import settings
 
-        if not alarms:
-            return
-        store.insert(alarms, settings.keeps_history())
-        due_times = [alarm.message.assigns["dispatch_at"] for alarm in alarms]
-        self._announce(min(due_times), max(due_times))
+        due_times: list[dt.datetime] = []
+
+        def noting_due_times() -> Iterator[list[Any]]:
+            for batch in batches:
+                due_times.extend(alarm.message.assigns["dispatch_at"] for alarm in batch)
+                yield batch
+
+        store.insert(noting_due_times(), settings.keeps_history())
+        if due_times:
+            self._announce(min(due_times), max(due_times))
 
     def _announce(self, earliest: dt.datetime, latest: dt.datetime) -> None:
         """Tell listening beats of alarms now due in ``[earliest, latest]`` if they may be in a loaded window."""
@@ -158,21 +168,44 @@ class Scheduller:
         *,
         now: dt.datetime | None = None,
     ) -> list[Message]:
-        """Schedule many ``(message, aggregate_id, at)`` at once; every one is checked before any is saved,
-        and they are saved in one transaction: all or, if saving fails, none."""
+        """Schedule many ``(message, aggregate_id, at)`` at once, in one transaction: all, or none when one
+        is refused (``InvalidAlarm`` naming it) or saving fails.
+
+        Checked and stored in batches of ``_DISPATCH_BATCH``: on PostgreSQL the database stores one batch
+        while the next is checked. With ``save_alarm`` overridden, every alarm is checked before the first
+        call of it (an override may do more than write to this database)."""
         registry.check_served(type(self))
         now = now or _now()
         alarms = list(alarms)
         for name in {message.service_name for message, _aggregate, _at in alarms if isinstance(message, Message)}:
             _check_task(name)  # each task name once, not once per alarm
         limit = settings.MAX_PAYLOAD
-        prepared = [
-            (self._prepare_encoded(message, aggregate_id, at, None, now, limit, check_task=False), aggregate_id)
-            for message, aggregate_id, at in alarms
-        ]
+
+        def checked(some: list[tuple[Message, str, dt.datetime]]) -> list[tuple[tuple[Message, str, str], str]]:
+            return [
+                (self._prepare_encoded(message, aggregate_id, at, None, now, limit, check_task=False), aggregate_id)
+                for message, aggregate_id, at in some
+            ]
+
+        if type(self).save_alarm is not Scheduller.save_alarm:
+            prepared = checked(alarms)
+            with transaction.atomic():
+                self._save(prepared)
+            return [message for (message, _raw, _assigns), _aggregate in prepared]
+        scheduled: list[Message] = []
+
+        def batches() -> Iterator[list[Any]]:
+            for start in range(0, len(alarms), _DISPATCH_BATCH):
+                prepared = checked(alarms[start : start + _DISPATCH_BATCH])
+                scheduled.extend(message for (message, _raw, _assigns), _aggregate in prepared)
+                yield self._new_alarms(
+                    (message, aggregate_id, raw_json, assigns_json)
+                    for (message, raw_json, assigns_json), aggregate_id in prepared
+                )
+
         with transaction.atomic():
-            self._save(prepared)
-        return [message for (message, _raw, _assigns), _aggregate in prepared]
+            self._insert(batches())
+        return scheduled
 
     def cancel(self, message_id: str, *, now: dt.datetime | None = None) -> bool:
         """Take the alarm with this message id off the schedule; True if it was on it."""
@@ -288,10 +321,12 @@ class Scheduller:
         with the JSON already encoded, unless ``save_alarm`` is overridden (then through it, one by one)."""
         if type(self).save_alarm is Scheduller.save_alarm:
             self._insert(
-                self._new_alarms(
-                    (message, aggregate_id, raw_json, assigns_json)
-                    for (message, raw_json, assigns_json), aggregate_id in prepared
-                )
+                [
+                    self._new_alarms(
+                        (message, aggregate_id, raw_json, assigns_json)
+                        for (message, raw_json, assigns_json), aggregate_id in prepared
+                    )
+                ]
             )
         else:
             for (message, _raw, _assigns), aggregate_id in prepared:
@@ -309,8 +344,11 @@ class Scheduller:
 
     def _timeout_of(self, message: Message) -> int:
         timeout = self.dispatch_timeout(message)
-        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
-            raise InvalidAlarm(f"dispatch_timeout must return a positive integer (ms), got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= MAX_TIMEOUT_MS:
+            raise InvalidAlarm(
+                f"dispatch_timeout must return a positive integer (ms) of at most {MAX_TIMEOUT_MS:,} (24.8 days), "
+                f"got {timeout!r}"
+            )
         return timeout
 
 
@@ -328,7 +366,10 @@ def due_time(at: dt.datetime | None, in_ms: int | None, now: dt.datetime) -> dt.
         raise InvalidAlarm(f"in_ms must be an integer of milliseconds, got {in_ms!r}")
     if in_ms < 0:
         raise InvalidAlarm(f"in_ms must not be negative, got {in_ms}")
-    return now + dt.timedelta(milliseconds=in_ms)
+    try:
+        return now + dt.timedelta(milliseconds=in_ms)
+    except OverflowError:
+        raise InvalidAlarm(f"in_ms={in_ms} is after the last time a datetime holds (year 9999)") from None
 
 
 _tasks_imported: set[int] = set()

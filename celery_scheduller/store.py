@@ -130,63 +130,73 @@ def message_from_row(row: dict[str, Any]) -> Message:
     )
 
 
-def insert(alarms: Sequence[NewAlarm], keep_history: bool, batch_size: int = 2_000) -> None:
-    """Store new pending alarms; an id already on the schedule is left as it is (not raised).
+def insert(batches: Iterable[Sequence[NewAlarm]], keep_history: bool) -> None:
+    """Store new pending alarms, batch by batch, each taken from ``batches`` once the previous one is sent;
+    an id already on the schedule is left as it is (not raised). With history kept, an ended alarm of the
+    same id is replaced: ids may be scheduled again.
 
-    With history kept, an ended alarm of the same id is replaced: ids may be scheduled again.
+    On PostgreSQL (history not kept) the batches go out in pipeline mode: the database stores one batch
+    while the caller makes the next (``dispatch_many`` checks and encodes its messages there). An error
+    of either side leaves the batches sent so far to the caller's transaction to roll back.
     """
-    if keep_history:
-        _remove_ended([new.message.id for new in alarms])
-    if connection.vendor == "postgresql":
-        _insert_postgresql(alarms, batch_size)
+    if connection.vendor == "postgresql" and not keep_history:
+        with _bound_cursor() as cursor, connection.connection.pipeline():
+            for batch in batches:
+                cursor.execute(_INSERT_POSTGRESQL, [states.PENDING, *_columns(batch)])
         return
-    rows = [
-        Alarm(
-            message_id=new.message.id,
-            scheduller=new.scheduller,
-            task_name=new.message.service_name,
-            raw_request=to_json_value(new.message.raw_request, "raw_request"),
-            assigns=to_json_value(new.message.assigns, "assigns"),
-            correlation_id=new.message.correlation_id,
-            causation_id=new.message.causation_id,
-            aggregate_id=new.aggregate_id,
-            dispatch_at=new.message.assigns["dispatch_at"],
-            state=states.PENDING,
-            timeout_ms=new.timeout_ms,
-        )
-        for new in alarms
+    for batch in batches:
+        if keep_history:
+            _remove_ended([new.message.id for new in batch])
+        if connection.vendor == "postgresql":
+            with _bound_cursor() as cursor:
+                cursor.execute(_INSERT_POSTGRESQL, [states.PENDING, *_columns(batch)])
+            continue
+        rows = [
+            Alarm(
+                message_id=new.message.id,
+                scheduller=new.scheduller,
+                task_name=new.message.service_name,
+                raw_request=to_json_value(new.message.raw_request, "raw_request"),
+                assigns=to_json_value(new.message.assigns, "assigns"),
+                correlation_id=new.message.correlation_id,
+                causation_id=new.message.causation_id,
+                aggregate_id=new.aggregate_id,
+                dispatch_at=new.message.assigns["dispatch_at"],
+                state=states.PENDING,
+                timeout_ms=new.timeout_ms,
+            )
+            for new in batch
+        ]
+        Alarm.objects.bulk_create(rows, ignore_conflicts=True)
+
+
+# ``insert`` on PostgreSQL: one ``INSERT … SELECT FROM unnest(…)`` per batch, no model instances, column
+# arrays bound on the server in binary (``%b``; Django's own cursor would quote every string)
+_INSERT_POSTGRESQL = (
+    f"INSERT INTO {_ALARM} (message_id, scheduller, task_name, raw_request, assigns, correlation_id, "
+    "causation_id, aggregate_id, dispatch_at, timeout_ms, state, attempt, created_at, updated_at) "
+    "SELECT m, s, t, r::jsonb, a::jsonb, c, ca, ag, d, tm, %s, 0, now(), now() FROM unnest("
+    "%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], "
+    "%b::timestamptz[], %b::int[]) AS x(m, s, t, r, a, c, ca, ag, d, tm) "
+    "ON CONFLICT (message_id) DO NOTHING"
+)
+
+
+def _columns(batch: Sequence[NewAlarm]) -> list[list[Any]]:
+    """``_INSERT_POSTGRESQL``'s column arrays of one batch."""
+    messages = [new.message for new in batch]
+    return [
+        [message.id for message in messages],
+        [new.scheduller for new in batch],
+        [message.service_name for message in messages],
+        [new.raw_json or _compact(new.message.raw_request, "raw_request") for new in batch],
+        [new.assigns_json or _compact(new.message.assigns, "assigns") for new in batch],
+        [message.correlation_id for message in messages],
+        [message.causation_id for message in messages],
+        [new.aggregate_id for new in batch],
+        [message.assigns["dispatch_at"] for message in messages],
+        [new.timeout_ms for new in batch],
     ]
-    Alarm.objects.bulk_create(rows, batch_size=batch_size, ignore_conflicts=True)
-
-
-def _insert_postgresql(alarms: Sequence[NewAlarm], batch_size: int) -> None:
-    """``insert`` as one ``INSERT … SELECT FROM unnest(…)`` per batch: no model instances, column arrays."""
-    sql = (
-        f"INSERT INTO {_ALARM} (message_id, scheduller, task_name, raw_request, assigns, correlation_id, "
-        "causation_id, aggregate_id, dispatch_at, timeout_ms, state, attempt, created_at, updated_at) "
-        "SELECT m, s, t, r::jsonb, a::jsonb, c, ca, ag, d, tm, %s, 0, now(), now() FROM unnest("
-        "%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], "
-        "%b::timestamptz[], %b::int[]) AS x(m, s, t, r, a, c, ca, ag, d, tm) "
-        "ON CONFLICT (message_id) DO NOTHING"
-    )
-    # bound on the server, arrays in binary (``%b``): Django's own cursor would quote every string
-    with _bound_cursor() as cursor:
-        for start in range(0, len(alarms), batch_size):
-            batch = alarms[start : start + batch_size]
-            messages = [new.message for new in batch]
-            columns = [
-                [message.id for message in messages],
-                [new.scheduller for new in batch],
-                [message.service_name for message in messages],
-                [new.raw_json or _compact(new.message.raw_request, "raw_request") for new in batch],
-                [new.assigns_json or _compact(new.message.assigns, "assigns") for new in batch],
-                [message.correlation_id for message in messages],
-                [message.causation_id for message in messages],
-                [new.aggregate_id for new in batch],
-                [message.assigns["dispatch_at"] for message in messages],
-                [new.timeout_ms for new in batch],
-            ]
-            cursor.execute(sql, [states.PENDING, *columns])
 
 
 def _compact(value: Any, where: str) -> str:

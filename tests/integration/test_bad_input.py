@@ -41,6 +41,7 @@ def msg(**kwargs):
         (lambda a: a.dispatch(msg(), "agg"), "exactly one of at= .* or in_ms="),
         (lambda a: a.dispatch(msg(), "agg", in_ms=-1), "must not be negative"),
         (lambda a: a.dispatch(msg(), "agg", in_ms=1.5), "in_ms must be an integer"),
+        (lambda a: a.dispatch(msg(), "agg", in_ms=10**15), r"in_ms=10{15} is after the last time .* \(year 9999\)"),
         (lambda a: a.dispatch(msg(), "agg", at="2030-01-01T00:00:00Z"), "at must be a datetime"),
         (
             lambda a: a.dispatch(Message.new("testapp.record", {"when": {1, 2}}), "agg", in_ms=0),
@@ -60,6 +61,14 @@ def msg(**kwargs):
         (lambda a: a.dispatch({"service_name": "testapp.record"}, "agg", in_ms=0), "needs a Message"),
         (
             lambda a: a.dispatch_many([(msg(id="ok-one"), "agg", timezone.now()), (msg(id="bad-one"), "agg", NAIVE)]),
+            "naive",
+        ),
+        (  # refused in the third batch, after two were sent (pipelined on PostgreSQL): none stays
+            lambda a: a.dispatch_many(
+                [(msg(id=f"many-{n}"), "agg", timezone.now()) for n in range(4_500)]
+                + [(msg(id="late-bad"), "agg", NAIVE)]
+                + [(msg(id=f"after-{n}"), "agg", timezone.now()) for n in range(100)]
+            ),
             "naive",
         ),
         # PostgreSQL stores no NUL in text or JSON; refused on every database alike, before any write
@@ -109,10 +118,21 @@ def test_scheduller_not_in_settings_is_refused(stored):
         UnlistedAlarms().cancel("stored")
 
 
-def test_invalid_dispatch_timeout_is_refused_at_dispatch(stored, monkeypatch):
-    monkeypatch.setattr(TestAlarms, "dispatch_timeout", lambda self, message: 0)
-    with pytest.raises(InvalidAlarm, match="dispatch_timeout must return a positive integer"):
+@pytest.mark.parametrize("timeout", [0, -1, 2**31, 1.5, True])
+def test_invalid_dispatch_timeout_is_refused_at_dispatch(stored, monkeypatch, timeout):
+    """2**31 ms: more than the timeout_ms column holds on PostgreSQL and MariaDB (a DataError there, before)."""
+    monkeypatch.setattr(TestAlarms, "dispatch_timeout", lambda self, message: timeout)
+    with pytest.raises(InvalidAlarm, match=r"dispatch_timeout must return a positive integer \(ms\) of at most"):
         stored.dispatch(msg(), "agg", in_ms=0)
+    with pytest.raises(InvalidAlarm, match="dispatch_timeout must return"):
+        stored.dispatch_many([(msg(id=f"timed-{n}"), "agg", timezone.now()) for n in range(3)])
+
+
+def test_the_longest_dispatch_timeout_is_stored(stored, monkeypatch):
+    monkeypatch.setattr(TestAlarms, "dispatch_timeout", lambda self, message: 2**31 - 1)
+    stored.dispatch(msg(id="longest"), "agg", in_ms=60_000)
+    assert Alarm.objects.get(message_id="longest").timeout_ms == 2**31 - 1
+    Alarm.objects.filter(message_id="longest").delete()  # leave only ``stored`` for the fixture
 
 
 def test_dispatch_many_stores_a_batch_and_skips_ids_already_stored(stored):
@@ -124,6 +144,28 @@ def test_dispatch_many_stores_a_batch_and_skips_ids_already_stored(stored):
     assert len(saved) == 51
     assert Alarm.objects.filter(message_id__startswith="bulk-").count() == 50
     Alarm.objects.filter(message_id__startswith="bulk-").delete()  # leave only ``stored`` for the fixture
+
+
+def test_dispatch_many_stores_every_batch_of_a_long_list(stored):
+    """Longer than ``_DISPATCH_BATCH``: stored in several batches, each row as given, ids already stored
+    skipped in any batch."""
+    now = timezone.now()
+    given = [
+        (msg(id=f"long-{i}", raw_request={"i": i}), f"agg-{i % 7}", now + dt.timedelta(seconds=i)) for i in range(4_321)
+    ]
+    given.insert(3_000, (msg(id="stored"), "agg", now))
+    saved = stored.dispatch_many(given)
+    assert len(saved) == 4_322
+    rows = Alarm.objects.filter(message_id__startswith="long-")
+    assert rows.count() == 4_321
+    for i in (0, 1_999, 2_000, 4_320):
+        row = rows.get(message_id=f"long-{i}")
+        assert (row.raw_request, row.aggregate_id, row.dispatch_at) == (
+            {"i": i},
+            f"agg-{i % 7}",
+            now + dt.timedelta(seconds=i),
+        )
+    rows.delete()  # leave only ``stored`` for the fixture
 
 
 def test_datetimes_in_assigns_round_trip_and_load_alarms_covers_its_slice(stored):

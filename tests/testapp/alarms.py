@@ -57,7 +57,7 @@ class TestAlarms(Scheduller):
 
 
 class BrokenAlarms(Scheduller):
-    """``service_responded`` raises the first time, then returns garbage, then OK."""
+    """``service_responded`` raises the first time, then returns garbage, then a Retry past year 9999, then OK."""
 
     name = "broken"
 
@@ -70,6 +70,8 @@ class BrokenAlarms(Scheduller):
             raise RuntimeError("service_responded blew up")
         if count == 1:
             return "garbage"
+        if count == 2:
+            return Retry(10**15)  # 31,700 years
         return OK
 
 
