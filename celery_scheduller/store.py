@@ -139,7 +139,7 @@ def insert(batches: Iterable[Sequence[NewAlarm]], keep_history: bool) -> None:
     while the caller makes the next (``dispatch_many`` checks and encodes its messages there). An error
     of either side leaves the batches sent so far to the caller's transaction to roll back.
     """
-    if connection.vendor == "postgresql" and not keep_history:
+    if connection.vendor == "postgresql" and not keep_history and _pipeline_supported():
         with _bound_cursor() as cursor, connection.connection.pipeline():
             for batch in batches:
                 cursor.execute(_INSERT_POSTGRESQL, [states.PENDING, *_columns(batch)])
@@ -168,6 +168,13 @@ def insert(batches: Iterable[Sequence[NewAlarm]], keep_history: bool) -> None:
             for new in batch
         ]
         Alarm.objects.bulk_create(rows, ignore_conflicts=True)
+
+
+def _pipeline_supported() -> bool:
+    """psycopg's pipeline mode needs libpq 14 or later (its binary wheels bundle one)."""
+    import psycopg
+
+    return bool(psycopg.Pipeline.is_supported())
 
 
 # ``insert`` on PostgreSQL: one ``INSERT … SELECT FROM unnest(…)`` per batch, no model instances, column
