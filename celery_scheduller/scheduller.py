@@ -104,7 +104,7 @@ class Scheduller:
         """
         self._insert([self._new_alarms([(message, aggregate_id, None, None)])])
 
-    def _insert(self, batches: Iterable[list[Any]]) -> None:
+    def _insert(self, batches: Iterable[list[Any]], *, pipelined: bool = False) -> None:
         """Store batches of new alarms, each made when the previous one is sent; announce the earliest to
         listening beats when it may be in a loaded window."""
         from . import store
@@ -117,7 +117,7 @@ class Scheduller:
                 due_times.extend(alarm.message.assigns["dispatch_at"] for alarm in batch)
                 yield batch
 
-        store.insert(noting_due_times(), settings.keeps_history())
+        store.insert(noting_due_times(), settings.keeps_history(), pipelined=pipelined)
         if due_times:
             self._announce(min(due_times), max(due_times))
 
@@ -204,7 +204,7 @@ class Scheduller:
                 )
 
         with transaction.atomic():
-            self._insert(batches())
+            self._insert(batches(), pipelined=len(alarms) > _DISPATCH_BATCH)
         return scheduled
 
     def cancel(self, message_id: str, *, now: dt.datetime | None = None) -> bool:

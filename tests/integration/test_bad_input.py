@@ -170,6 +170,12 @@ def test_dispatch_many_stores_every_batch_of_a_long_list(stored, monkeypatch, pi
     rows.delete()  # leave only ``stored`` for the fixture
 
 
+def test_dispatching_an_id_already_pending_changes_nothing(stored):
+    """The fixture checks that the stored row is as it was (one-row insert and batch insert alike)."""
+    stored.dispatch(msg(id="stored", raw_request={"keep": False}), "other", in_ms=0)
+    stored.dispatch_many([(msg(id="stored", raw_request={"keep": 0}), "another", timezone.now())] * 2)
+
+
 def test_datetimes_in_assigns_round_trip_and_load_alarms_covers_its_slice(stored):
     when = dt.datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2)))
     now = timezone.now()
