@@ -18,7 +18,12 @@ on; "scheduling" is the wall time the client took to schedule the alarms. Worklo
   per second (default 500) come due over ``--pending-seconds`` (default 60). The alternatives get as much
   of the background as they can schedule in ``--background-budget`` seconds; the table says how much.
 - ``beats``: twice the burst published by 1, 2 and 3 of our beats at once (``--beats``), without the
-  in-flight cap, for scaling.
+  in-flight cap, for scaling;
+- ``rolling``: ``--rate`` alarms per second due over ``--rolling-seconds`` (default 60), each scheduled
+  ``--ahead`` seconds (default 10) before it is due, while the earlier ones come due: scheduling and
+  running at the same time, as in production (the other workloads schedule everything first). Each
+  system's bulk call every 20 ms: ``dispatch_many``, ``apply_async(eta=)`` per task on one producer,
+  django-celery-beat's rows in bulk.
 
 ``--workers 2`` runs every row with two such worker processes (worker CPU summed, peak RSS the larger
 one's): where one worker process is the bound, it shows what the rest of the system does.
@@ -32,6 +37,7 @@ due time has lost it. Needs PostgreSQL on 127.0.0.1:5432 and Redis on 6379 (``pi
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import csv
 import dataclasses
@@ -339,6 +345,22 @@ class Bench:
                 ]
             )
 
+    def _schedule_rolling(self, system: str, run: str, dues: list[float], ahead: float) -> None:
+        """Schedule each alarm ``ahead`` seconds before it is due, every 20 ms those whose time came."""
+        first = 0
+        while first < len(dues):
+            ready = bisect.bisect_right(dues, time.time() + ahead, lo=first)
+            if ready == first:
+                time.sleep(0.02)
+                continue
+            if system == OURS:
+                self._schedule_ours(run, dues[first:ready], first)
+            elif system == ETA:
+                self._schedule_eta(run, dues[first:ready], first)
+            else:
+                self._schedule_dcb(run, dues[first:ready], first)
+            first = ready
+
     def _schedule_eta(self, run: str, dues: list[float], first: int = 0, budget: float | None = None) -> int:
         from bench.celery_app import app
         from bench.tasks import hit
@@ -411,8 +433,18 @@ class Bench:
     # -- one run ------------------------------------------------------------------------------------
 
     def run(
-        self, workload: str, system: str, dues: list[float], *, pending: int = 0, beats: int = 1, capped: bool = True
+        self,
+        workload: str,
+        system: str,
+        dues: list[float],
+        *,
+        pending: int = 0,
+        beats: int = 1,
+        capped: bool = True,
+        ahead: float | None = None,
     ) -> Result:
+        """One system on one workload; ``ahead``: each alarm scheduled that many seconds before it is due,
+        while the run goes on (else all of them first)."""
         self.runs += 1
         run = f"r{self.runs}"
         label = system if beats == 1 else f"{system} × {beats} beats"
@@ -443,17 +475,19 @@ class Bench:
         try:
             for proc in procs:
                 proc.mark()
-            lead = self._lead(system, len(dues))
+            lead = self._lead(system, len(dues)) if ahead is None else ahead
             base = time.time() + lead
             dues = [base + due for due in dues]
             sampler.machine = machine = _MachineCpu(min(dues))
             started = time.monotonic()
             if system == PLAIN:
                 self._publish_paced(run, dues)
+            elif ahead is not None:
+                self._schedule_rolling(system, run, dues, ahead)
             else:
                 self.schedule(system, run, dues)
             result.scheduled_s = time.monotonic() - started
-            if system != PLAIN and time.time() > dues[0]:
+            if system != PLAIN and ahead is None and time.time() > dues[0]:
                 notes.append(f"scheduling ran {time.time() - dues[0]:.1f} s past the first due time")
             self._drain(run, dues)
             result.machine_cpu, result.machine_busy = machine.used()
@@ -734,7 +768,9 @@ def main() -> None:
     parser.add_argument("--background-budget", type=float, default=60, help="seconds the alternatives get to fill")
     parser.add_argument("--drain", type=float, default=60, help="seconds after the last due time before lost")
     parser.add_argument("--beats", default="1,2,3", help="beat counts for the scaling run; empty to skip")
-    parser.add_argument("--workloads", default="steady,burst,pending,beats")
+    parser.add_argument("--rolling-seconds", type=float, default=60)
+    parser.add_argument("--ahead", type=float, default=10, help="rolling: seconds each alarm is scheduled ahead")
+    parser.add_argument("--workloads", default="steady,burst,pending,beats,rolling")
     parser.add_argument("--systems", default=f"{OURS},{ETA},{DCB}")
     parser.add_argument(
         "--workers", type=int, default=1, help="worker processes per run (each -P threads -c 8); labels say so"
@@ -749,7 +785,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rate, args.seconds, args.burst, args.pending, args.pending_rate = 200, 5, 1_000, 20_000, 100
-        args.low_rate, args.pending_seconds = 0, 5
+        args.low_rate, args.pending_seconds, args.rolling_seconds, args.ahead = 0, 5, 5, 3
         args.background_budget, args.drain = 5, 20
     workloads = [name for name in args.workloads.split(",") if name]
     systems = [name for name in args.systems.split(",") if name]
@@ -791,6 +827,16 @@ def main() -> None:
         for beats in [int(b) for b in args.beats.split(",")]:
             results.append(
                 bench.run(f"burst {args.burst * 2:,} in 1 s", OURS, burst(args.burst * 2), beats=beats, capped=False)
+            )
+    if "rolling" in workloads:
+        for system in systems:
+            results.append(
+                bench.run(
+                    f"rolling {args.rate:g}/s × {args.rolling_seconds:g} s, each scheduled {args.ahead:g} s ahead",
+                    system,
+                    steady(args.rate, args.rolling_seconds),
+                    ahead=args.ahead,
+                )
             )
     costs = bench.api_costs(200 if args.quick else 1_000)
     print()
