@@ -232,22 +232,27 @@ class AlarmEngine:
         return None if due is None else max(due, self._claimed_at + self._claim_gap)
 
     def _hold_announced(self, names: Sequence[str]) -> None:
-        """Hold alarms dispatched (by any process) into windows already loaded, as their owners announced."""
+        """Hold alarms dispatched (by any process) into windows already loaded, as their owners announced.
+
+        An announcement spanning at most ``MAX_CLAIM_GAP`` (a ``dispatch``, or a ``dispatch_many`` of
+        nearby due times) is held as its two ends, without reading the table: the claims at those times
+        take whatever is due. Wider ones are read, one range per Scheduller, unless it loads its own.
+        """
         ranges: dict[str, tuple[float, float]] = {}
         for name, earliest, latest in self.listener.due():
-            if name in names:
-                low, high = ranges.get(name, (earliest, latest))
-                ranges[name] = (min(low, earliest), max(high, latest))
-        for name, (earliest, latest) in ranges.items():
             window = self.windows.get(name)
-            if window is None or window.loaded_until is None or earliest > window.loaded_until:
+            if name not in names or window is None or window.loaded_until is None or earliest > window.loaded_until:
                 continue  # a later window load reads them
             until = min(latest, window.loaded_until)
-            if type(registry.get(name)).load_alarms is Scheduller.load_alarms:
-                for message_id, due in store.due_times_between(name, to_datetime(earliest - 1e-6), to_datetime(until)):
-                    self.heap.push(message_id, due.timestamp())
-            else:  # a loader of its own: wake at the earliest; the claim finds what is due
+            if until - earliest > MAX_CLAIM_GAP and type(registry.get(name)).load_alarms is Scheduller.load_alarms:
+                low, high = ranges.get(name, (earliest, until))
+                ranges[name] = (min(low, earliest), max(high, until))
+            else:
                 self.heap.push(f"announced {earliest!r}", earliest)
+                self.heap.push(f"announced {until!r}", until)
+        for name, (earliest, until) in ranges.items():
+            for message_id, due in store.due_times_between(name, to_datetime(earliest - 1e-6), to_datetime(until)):
+                self.heap.push(message_id, due.timestamp())
 
     def _record(self, now: float) -> None:
         """Tell ``scheduller_status`` this beat is alive and what it holds."""

@@ -48,6 +48,33 @@ def test_an_alarm_dispatched_into_a_loaded_window_is_announced_and_fires_on_time
 
 
 @postgres_only
+def test_a_narrow_announcement_is_held_without_reading_the_table_and_a_wide_one_is_read(beat, settings):
+    """A ``dispatch`` announces one due time: beat holds it as is. A ``dispatch_many`` whose due times
+    span more than a claim gap announces a range: beat reads the ids in it."""
+    settings.CELERY_SCHEDULLER_POLL_INTERVAL = 60_000
+    scheduler = beat()
+    engine = scheduler.alarm_engine
+    scheduler.tick_alarms(time.time())  # loads the (empty) window
+    names = engine._names()
+    one = TestAlarms().dispatch(Message.new("testapp.record", id="narrow"), "agg", in_ms=30_000)
+    time.sleep(0.2)  # the notification's way to the LISTEN connection
+    with CaptureQueriesContext(connection) as queries:
+        engine._hold_announced(names)
+    assert [query["sql"] for query in queries] == []
+    due = one.dispatch_at.timestamp()
+    assert f"announced {due!r}" in engine.heap and engine.heap.next_due() == due
+    now = dt.datetime.now(dt.UTC)
+    TestAlarms().dispatch_many(
+        [(Message.new("testapp.record", id=f"wide-{n}"), "agg", now + dt.timedelta(seconds=20 + n)) for n in range(3)]
+    )
+    time.sleep(0.2)
+    with CaptureQueriesContext(connection) as queries:
+        engine._hold_announced(names)
+    assert len(queries) == 1
+    assert {"wide-0", "wide-1", "wide-2"} <= {alarm_id for alarm_id in engine.heap._held}
+
+
+@postgres_only
 def test_a_rolled_back_dispatch_announces_nothing(beat, settings):
     settings.CELERY_SCHEDULLER_POLL_INTERVAL = 60_000
     scheduler = beat()
