@@ -319,13 +319,14 @@ class AlarmEngine:
         self._claim_gap = MAX_CLAIM_GAP  # nothing claimed: as for a slow stream
         cap = settings.max_in_flight()
         capped = False
-        if cap is not None:
-            room = cap - store.count_in_flight(names, cap)
+        if cap is None:
+            rows = store.claim_due(names, now, limit)
+        else:
+            room, rows = store.claim_due_within(names, now, limit, cap)
             if room <= 0:
                 self._throttled = True
                 return False
             capped, limit = room < limit, min(limit, room)
-        rows = store.claim_due(names, now, limit)
         elapsed = now.timestamp() - self._claimed_at
         self._claim_gap = claim_gap(len(rows), elapsed, CLAIM_BATCH, MIN_CLAIM_GAP, MAX_CLAIM_GAP)
         if not rows:

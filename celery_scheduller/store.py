@@ -292,19 +292,54 @@ def claim_due(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[
     return rows
 
 
-def _claim_due_postgresql(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[dict[str, Any]]:
-    """``claim_due`` as one statement: lock (skipping rows other beats hold), update, return."""
-    columns = ", ".join("id" if field == "pk" else field for field in ROW_FIELDS)
+def claim_due_within(
+    schedullers: Sequence[str], now: dt.datetime, limit: int, cap: int
+) -> tuple[int, list[dict[str, Any]]]:
+    """``claim_due`` of at most the room ``cap`` leaves beside the attempts in flight; returns that room
+    (``cap`` minus ``count_in_flight``, before this claim) and the claimed rows. One statement on
+    PostgreSQL, where beat claims this way before every batch: a round trip less per claim."""
+    if connection.vendor != "postgresql":
+        room = cap - count_in_flight(schedullers, cap)
+        return room, claim_due(schedullers, now, min(limit, room)) if room > 0 else []
     with _bound_cursor(binary=True) as cursor:
         cursor.execute(
-            f"UPDATE {_ALARM} SET state = %s, attempt = attempt + 1, published_at = %s, "
-            "deadline = %s + timeout_ms * interval '1 millisecond', updated_at = %s "
-            f"WHERE id IN (SELECT id FROM {_ALARM} WHERE state = %s AND scheduller = ANY(%s) AND dispatch_at <= %s "
-            "ORDER BY dispatch_at LIMIT %s FOR UPDATE SKIP LOCKED) "
-            f"RETURNING {columns}",
-            [states.PUBLISHED, now, now, now, states.PENDING, list(schedullers), now, limit],
+            f"WITH room AS (SELECT %s - count(*) AS n FROM (SELECT 1 FROM {_ALARM} WHERE state = %s "
+            "AND scheduller = ANY(%s) LIMIT %s) f), "
+            f"claimed AS ({_claim_sql('LEAST(%s, GREATEST((SELECT n FROM room), 0))')}) "
+            "SELECT room.n, claimed.* FROM room LEFT JOIN claimed ON true",
+            [cap, states.PUBLISHED, list(schedullers), cap, *_claim_params(schedullers, now, limit)],
         )
-        rows = [dict(zip(ROW_FIELDS, values, strict=True)) for values in cursor.fetchall()]
+        found = cursor.fetchall()
+    # one row per claimed alarm, each with the room; one of NULLs beside it when none was claimed
+    return int(found[0][0]), _claimed([values[1:] for values in found if values[1] is not None])
+
+
+def _claim_due_postgresql(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[dict[str, Any]]:
+    """``claim_due`` as one statement: lock (skipping rows other beats hold), update, return."""
+    with _bound_cursor(binary=True) as cursor:
+        cursor.execute(_claim_sql("%s"), _claim_params(schedullers, now, limit))
+        return _claimed(cursor.fetchall())
+
+
+def _claim_sql(limit: str) -> str:
+    """The PostgreSQL claim, taking at most ``limit`` (SQL) rows; parameters from ``_claim_params``."""
+    columns = ", ".join("id" if field == "pk" else field for field in ROW_FIELDS)
+    return (
+        f"UPDATE {_ALARM} SET state = %s, attempt = attempt + 1, published_at = %s, "
+        "deadline = %s + timeout_ms * interval '1 millisecond', updated_at = %s "
+        f"WHERE id IN (SELECT id FROM {_ALARM} WHERE state = %s AND scheduller = ANY(%s) AND dispatch_at <= %s "
+        f"ORDER BY dispatch_at LIMIT {limit} FOR UPDATE SKIP LOCKED) "
+        f"RETURNING {columns}"
+    )
+
+
+def _claim_params(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[Any]:
+    return [states.PUBLISHED, now, now, now, states.PENDING, list(schedullers), now, limit]
+
+
+def _claimed(found: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """The claim's returned columns as rows (``ROW_FIELDS``), earliest due first."""
+    rows = [dict(zip(ROW_FIELDS, values, strict=True)) for values in found]
     for row in rows:
         for field in ("raw_request", "assigns"):
             if isinstance(row[field], str):  # decoded by psycopg in binary; a text-format loader leaves a str

@@ -193,6 +193,28 @@ def test_beat_keeps_at_most_max_in_flight_attempts_published_and_claims_more_as_
     assert Alarm.objects.filter(message_id__startswith="capped-", state=states.PUBLISHED).count() == 4
 
 
+def test_a_claim_within_the_cap_takes_at_most_the_room_left_and_says_how_much_there_was():
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    TestAlarms().dispatch_many(
+        [(Message.new("testapp.stale", id=f"room-{n}"), "agg", past + dt.timedelta(milliseconds=n)) for n in range(10)]
+    )
+    FaultAlarms().dispatch_many([(Message.new("testapp.stale", id=f"other-{n}"), "agg", past) for n in range(3)])
+    store.claim_due([FaultAlarms.name], dt.datetime.now(dt.UTC), 10)  # another Scheduller's: not counted
+    names, now = [TestAlarms.name], dt.datetime.now(dt.UTC)
+    room, rows = store.claim_due_within(names, now, 100, 4)
+    assert room == 4 and [row["message_id"] for row in rows] == [f"room-{n}" for n in range(4)]
+    assert all(row["attempt"] == 1 for row in rows)
+    assert Alarm.objects.filter(message_id__startswith="room-", state=states.PUBLISHED).count() == 4
+    assert store.claim_due_within(names, now, 100, 4) == (0, [])
+    for row in rows[:3]:  # three answers come back
+        respond(store.AttemptRef.of_row(row), store.message_from_row(row), Response("ok"), dt.datetime.now(dt.UTC))
+    room, rows = store.claim_due_within(names, now, 2, 4)
+    assert room == 3 and [row["message_id"] for row in rows] == ["room-4", "room-5"]
+    room, rows = store.claim_due_within(names, now, 100, 50)
+    assert room == 47 and len(rows) == 4  # the last four pending; three in flight before
+    assert store.claim_due_within(names, now, 100, 50) == (43, [])
+
+
 def test_the_in_flight_count_is_of_the_named_schedullers_published_attempts_and_stops_at_its_cap():
     past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
     TestAlarms().dispatch_many([(Message.new("testapp.stale", id=f"ours-{n}"), "agg", past) for n in range(6)])
