@@ -198,10 +198,7 @@ class Scheduller:
             for start in range(0, len(alarms), _DISPATCH_BATCH):
                 prepared = checked(alarms[start : start + _DISPATCH_BATCH])
                 scheduled.extend(message for (message, _raw, _assigns), _aggregate in prepared)
-                yield self._new_alarms(
-                    (message, aggregate_id, raw_json, assigns_json)
-                    for (message, raw_json, assigns_json), aggregate_id in prepared
-                )
+                yield self._new_prepared(prepared)
 
         with transaction.atomic():
             self._insert(batches(), pipelined=len(alarms) > _DISPATCH_BATCH)
@@ -320,17 +317,18 @@ class Scheduller:
         """Store ``((message, raw_json, assigns_json), aggregate_id)`` as ``_prepare_encoded`` made them:
         with the JSON already encoded, unless ``save_alarm`` is overridden (then through it, one by one)."""
         if type(self).save_alarm is Scheduller.save_alarm:
-            self._insert(
-                [
-                    self._new_alarms(
-                        (message, aggregate_id, raw_json, assigns_json)
-                        for (message, raw_json, assigns_json), aggregate_id in prepared
-                    )
-                ]
-            )
+            self._insert([self._new_prepared(prepared)])
         else:
             for (message, _raw, _assigns), aggregate_id in prepared:
                 self.save_alarm(message, aggregate_id)
+
+    def _new_prepared(self, prepared: list[tuple[tuple[Message, str, str], str]]) -> list[Any]:
+        """``_new_alarms`` of ``((message, raw_json, assigns_json), aggregate_id)`` as ``_prepare_encoded``
+        made them."""
+        return self._new_alarms(
+            (message, aggregate_id, raw_json, assigns_json)
+            for (message, raw_json, assigns_json), aggregate_id in prepared
+        )
 
     def _new_alarms(self, prepared: Iterable[tuple[Message, str, str | None, str | None]]) -> list[Any]:
         """``store.NewAlarm`` of each ``(message, aggregate_id, raw_json, assigns_json)``."""

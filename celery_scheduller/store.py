@@ -244,14 +244,15 @@ def due_times_between(
     return rows
 
 
+# the published attempts of the Schedullers ``ANY(%s)``, at most ``LIMIT %s`` of them (state = published)
+_IN_FLIGHT_SQL = f"SELECT 1 FROM {_ALARM} WHERE state = %s AND scheduller = ANY(%s) LIMIT %s"
+
+
 def count_in_flight(schedullers: Sequence[str], up_to: int) -> int:
     """How many attempts of these Schedullers are published and unanswered, counting at most ``up_to``."""
     if connection.vendor == "postgresql":  # beat asks before every claim: a prepared statement, not the ORM
         with _bound_cursor() as cursor:
-            cursor.execute(
-                f"SELECT count(*) FROM (SELECT 1 FROM {_ALARM} WHERE state = %s AND scheduller = ANY(%s) LIMIT %s) f",
-                [states.PUBLISHED, list(schedullers), up_to],
-            )
+            cursor.execute(f"SELECT count(*) FROM ({_IN_FLIGHT_SQL}) f", [states.PUBLISHED, list(schedullers), up_to])
             return int(cursor.fetchone()[0])
     return Alarm.objects.filter(state=states.PUBLISHED, scheduller__in=schedullers).values("pk")[:up_to].count()
 
@@ -303,8 +304,7 @@ def claim_due_within(
         return room, claim_due(schedullers, now, min(limit, room)) if room > 0 else []
     with _bound_cursor(binary=True) as cursor:
         cursor.execute(
-            f"WITH room AS (SELECT %s - count(*) AS n FROM (SELECT 1 FROM {_ALARM} WHERE state = %s "
-            "AND scheduller = ANY(%s) LIMIT %s) f), "
+            f"WITH room AS (SELECT %s - count(*) AS n FROM ({_IN_FLIGHT_SQL}) f), "
             f"claimed AS ({_claim_sql('LEAST(%s, GREATEST((SELECT n FROM room), 0))')}) "
             "SELECT room.n, claimed.* FROM room LEFT JOIN claimed ON true",
             [cap, states.PUBLISHED, list(schedullers), cap, *_claim_params(schedullers, now, limit)],
