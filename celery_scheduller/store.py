@@ -303,15 +303,23 @@ def claim_due_within(
         room = cap - count_in_flight(schedullers, cap)
         return room, claim_due(schedullers, now, min(limit, room)) if room > 0 else []
     with _bound_cursor(binary=True) as cursor:
-        cursor.execute(
-            f"WITH room AS (SELECT %s - count(*) AS n FROM ({_IN_FLIGHT_SQL}) f), "
-            f"claimed AS ({_claim_sql('LEAST(%s, GREATEST((SELECT n FROM room), 0))')}) "
-            "SELECT room.n, claimed.* FROM room LEFT JOIN claimed ON true",
-            [cap, states.PUBLISHED, list(schedullers), cap, *_claim_params(schedullers, now, limit)],
-        )
+        cursor.execute(_claim_within_sql(), _claim_within_params(schedullers, now, limit, cap))
         found = cursor.fetchall()
     # one row per claimed alarm, each with the room; one of NULLs beside it when none was claimed
     return int(found[0][0]), _claimed([values[1:] for values in found if values[1] is not None])
+
+
+def _claim_within_sql() -> str:
+    """``claim_due_within`` on PostgreSQL: the room under the cap, and a claim of at most that many."""
+    return (
+        f"WITH room AS (SELECT %s - count(*) AS n FROM ({_IN_FLIGHT_SQL}) f), "
+        f"claimed AS ({_claim_sql('LEAST(%s, GREATEST((SELECT n FROM room), 0))')}) "
+        "SELECT room.n, claimed.* FROM room LEFT JOIN claimed ON true"
+    )
+
+
+def _claim_within_params(schedullers: Sequence[str], now: dt.datetime, limit: int, cap: int) -> list[Any]:
+    return [cap, states.PUBLISHED, list(schedullers), cap, *_claim_params(schedullers, now, limit)]
 
 
 def _claim_due_postgresql(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[dict[str, Any]]:
@@ -322,13 +330,19 @@ def _claim_due_postgresql(schedullers: Sequence[str], now: dt.datetime, limit: i
 
 
 def _claim_sql(limit: str) -> str:
-    """The PostgreSQL claim, taking at most ``limit`` (SQL) rows; parameters from ``_claim_params``."""
+    """The PostgreSQL claim, taking at most ``limit`` (SQL) rows; parameters from ``_claim_params``.
+
+    The claimed ids are collected first (``ARRAY(…)``, evaluated once) and the rows updated by pk. As
+    ``id IN (SELECT …)`` the planner, not knowing how many the LIMIT lets through, joined the claimed ids
+    with a sequential scan of the whole table: every claim read every row (measured: 15,000 rows read to
+    claim 20).
+    """
     columns = ", ".join("id" if field == "pk" else field for field in ROW_FIELDS)
     return (
         f"UPDATE {_ALARM} SET state = %s, attempt = attempt + 1, published_at = %s, "
         "deadline = %s + timeout_ms * interval '1 millisecond', updated_at = %s "
-        f"WHERE id IN (SELECT id FROM {_ALARM} WHERE state = %s AND scheduller = ANY(%s) AND dispatch_at <= %s "
-        f"ORDER BY dispatch_at LIMIT {limit} FOR UPDATE SKIP LOCKED) "
+        f"WHERE id = ANY(ARRAY(SELECT id FROM {_ALARM} WHERE state = %s AND scheduller = ANY(%s) "
+        f"AND dispatch_at <= %s ORDER BY dispatch_at LIMIT {limit} FOR UPDATE SKIP LOCKED)) "
         f"RETURNING {columns}"
     )
 
@@ -379,18 +393,29 @@ def finishes_in_one_statement(keep_history: bool) -> bool:
     return not keep_history and connection.vendor == "postgresql"
 
 
+# The rows are found by pk alone (``id = ANY``); the state is compared in the join, not as a filter of
+# the table. With ``a.state = 'published'`` as a filter, the planner — trusting statistics taken while nearly
+# every row was pending — hashed every published row, and every not yet vacuumed version of one, on every
+# call: ~870 buffers a call in the benchmark at 500/s, against ~5 per row now.
+_FINISH_MANY_SQL = (
+    f"WITH gone AS (DELETE FROM {_ALARM} a USING unnest(%s::bigint[], %s::int[], %s::timestamptz[], %s::text[]) "
+    "AS r(pk, attempt, deadline, state) WHERE a.id = ANY(%s::bigint[]) AND a.id = r.pk AND a.state = r.state "
+    "AND a.attempt = r.attempt AND a.deadline = r.deadline RETURNING a.id, a.message_id, a.attempt), "
+    f"history AS (DELETE FROM {_ATTEMPT} WHERE message_id IN (SELECT message_id FROM gone WHERE attempt > 1)) "
+    "SELECT id FROM gone"
+)
+
+
+def _finish_many_params(refs: Sequence[AttemptRef]) -> list[Any]:
+    pks = [ref.pk for ref in refs]
+    return [pks, [ref.attempt for ref in refs], [ref.deadline for ref in refs], [states.PUBLISHED] * len(refs), pks]
+
+
 def finish_many(refs: Sequence[AttemptRef]) -> set[int]:
     """``finish`` without history for many attempts in one statement (``finishes_in_one_statement``);
     returns the pks of the alarms that ended (the others were answered, timed out or cancelled)."""
     with _bound_cursor() as cursor:
-        cursor.execute(
-            f"WITH gone AS (DELETE FROM {_ALARM} a USING unnest(%s::bigint[], %s::int[], %s::timestamptz[]) "
-            "AS r(pk, attempt, deadline) WHERE a.id = r.pk AND a.state = %s AND a.attempt = r.attempt "
-            "AND a.deadline = r.deadline RETURNING a.id, a.message_id, a.attempt), "
-            f"history AS (DELETE FROM {_ATTEMPT} WHERE message_id IN (SELECT message_id FROM gone WHERE attempt > 1)) "
-            "SELECT id FROM gone",
-            [[ref.pk for ref in refs], [ref.attempt for ref in refs], [ref.deadline for ref in refs], states.PUBLISHED],
-        )
+        cursor.execute(_FINISH_MANY_SQL, _finish_many_params(refs))
         return {pk for (pk,) in cursor.fetchall()}
 
 

@@ -13,6 +13,7 @@ from django.test.utils import CaptureQueriesContext
 from celery_scheduller import Message, Response, states, store
 from celery_scheduller.models import Alarm, AlarmAttempt
 from celery_scheduller.responses import respond
+from tests.bulk import fill
 from tests.conftest import run_beat
 from tests.testapp.alarms import FaultAlarms, TestAlarms
 from tests.testapp.models import Run
@@ -233,3 +234,45 @@ def test_a_bad_max_in_flight_is_a_system_check_error(settings):
     settings.CELERY_SCHEDULLER_MAX_IN_FLIGHT = "many"
     errors = [error for error in check_settings() if error.id == "celery_scheduller.E005"]
     assert len(errors) == 1 and "MAX_IN_FLIGHT" in errors[0].msg
+
+
+def _scans_of_the_alarm_table(sql: str, params: list) -> list[tuple[str, str | None]]:
+    """(node type, index) of each scan of the alarm table in the plan PostgreSQL picks for ``sql``."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
+        (plan,) = cursor.fetchone()
+    found, nodes = [], [plan[0]["Plan"]]
+    while nodes:
+        node = nodes.pop()
+        if node.get("Relation Name") == Alarm._meta.db_table and "Scan" in node["Node Type"]:
+            found.append((node["Node Type"], node.get("Index Name")))
+        nodes.extend(node.get("Plans", []))
+    return found
+
+
+@postgres_only
+def test_the_claim_and_the_answer_look_their_rows_up_by_pk_whatever_the_statistics_say():
+    """Statistics taken while every row was pending (as after a large ``dispatch_many``) once made the
+    planner update the claimed rows through a sequential scan of the whole table, and delete answered
+    ones through a hash of every published row: work growing with the table on every call."""
+    fill(30_000, TestAlarms.name)
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {Alarm._meta.db_table} SET state = %s", [states.PENDING])
+        cursor.execute(f"ANALYZE {Alarm._meta.db_table}")
+    now = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)  # about 33,000 due: more than any claim takes
+    names = [TestAlarms.name]
+    rows = store.claim_due(names, now, 500)
+    store.claim_due_within(names, now, 200, 1000)
+    pkey = Alarm._meta.db_table + "_pkey"
+    for sql, params in (
+        (store._claim_sql("%s"), store._claim_params(names, now, 100)),
+        (store._claim_within_sql(), store._claim_within_params(names, now, 100, 1000)),
+        (store._FINISH_MANY_SQL, store._finish_many_params([store.AttemptRef.of_row(row) for row in rows[:50]])),
+    ):
+        scans = _scans_of_the_alarm_table(sql, params)
+        assert ("Seq Scan", None) not in scans, scans
+        assert ("Index Scan", pkey) in scans, scans
+    # and they still do their work
+    refs = [store.AttemptRef.of_row(row) for row in rows]
+    assert store.finish_many(refs) == {ref.pk for ref in refs}
+    assert Alarm.objects.filter(state=states.PUBLISHED).count() == 200
