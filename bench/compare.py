@@ -230,7 +230,9 @@ class Bench:
 
         self.args = args
         self.hits = redis.Redis.from_url(settings.HITS_URL)
-        self.broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+        self.broker = (
+            redis.Redis.from_url(settings.CELERY_BROKER_URL) if settings.CELERY_BROKER_URL.startswith("redis") else None
+        )
         self.logs = Path(tempfile.mkdtemp(prefix="csched-bench-"))
         self.runs = 0
 
@@ -239,7 +241,12 @@ class Bench:
     def reset(self) -> None:
         from django.db import connection
 
-        self.broker.flushdb()
+        if self.broker is not None:
+            self.broker.flushdb()
+        else:
+            from bench.celery_app import app
+
+            app.control.purge()  # the task queue of another broker
         self.hits.flushdb()
         with connection.cursor() as cursor:
             cursor.execute(
@@ -775,6 +782,11 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=1, help="worker processes per run (each -P threads -c 8); labels say so"
     )
+    parser.add_argument(
+        "--broker",
+        help="the Celery broker's URL (default Redis db 12; e.g. amqp://guest:guest@127.0.0.1:5672//): the same "
+        "broker for every system; the hits are recorded in Redis either way",
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument(
         "--timeline",
@@ -783,6 +795,8 @@ def main() -> None:
         help="also write each run's task starts to DIR/<run>.csv (due, published, started, worker)",
     )
     args = parser.parse_args()
+    if args.broker:
+        os.environ["BENCH_BROKER"] = args.broker  # read by bench/settings.py here and in every process started
     if args.quick:
         args.rate, args.seconds, args.burst, args.pending, args.pending_rate = 200, 5, 1_000, 20_000, 100
         args.low_rate, args.pending_seconds, args.rolling_seconds, args.ahead = 0, 5, 5, 3

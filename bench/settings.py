@@ -28,7 +28,8 @@ DATABASES = {
 }
 
 REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
-CELERY_BROKER_URL = f"{REDIS}/12"
+# compare.py --broker: another broker (e.g. RabbitMQ) for the tasks; the hits stay in Redis
+CELERY_BROKER_URL = os.environ.get("BENCH_BROKER") or f"{REDIS}/12"
 HITS_URL = f"{REDIS}/13"
 CELERY_TIMEZONE = "UTC"
 CELERY_TASK_SERIALIZER = "json"
