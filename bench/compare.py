@@ -270,7 +270,7 @@ class Bench:
                 "-P",
                 "threads",
                 "-c",
-                "8",
+                str(self.args.concurrency),
                 "-l",
                 "warning",
                 "--without-gossip",
@@ -459,6 +459,8 @@ class Bench:
             label += ", no in-flight cap"
         if self.args.workers > 1:
             label += f", {self.args.workers} workers"
+        if self.args.concurrency != 8:
+            label += f", -c {self.args.concurrency}"
         print(f"· {workload}: {label}, {len(dues):,} alarms", flush=True)
         self.reset()
         result = Result(workload, label, len(dues))
@@ -781,6 +783,9 @@ def main() -> None:
     parser.add_argument("--systems", default=f"{OURS},{ETA},{DCB}")
     parser.add_argument(
         "--workers", type=int, default=1, help="worker processes per run (each -P threads -c 8); labels say so"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="threads per worker process (-P threads -c N); labels say so"
     )
     parser.add_argument(
         "--broker",
