@@ -813,50 +813,40 @@ def main() -> None:
     bench = Bench(args)
     print(f"logs in {bench.logs}", flush=True)
     results: list[Result] = []
+
+    def each(workload: str, dues: list[float], among: list[str] = systems, **options: Any) -> None:
+        """``workload`` run by each system of ``among`` in turn, on the same due times."""
+        results.extend(bench.run(workload, system, dues, **options) for system in among)
+
     if "steady" in workloads:
-        for system in [*systems, PLAIN]:
-            results.append(
-                bench.run(f"steady {args.rate:g}/s × {args.seconds:g} s", system, steady(args.rate, args.seconds))
-            )
+        each(f"steady {args.rate:g}/s × {args.seconds:g} s", steady(args.rate, args.seconds), [*systems, PLAIN])
     if "steady" in workloads and args.low_rate:
-        for system in [*systems, PLAIN]:
-            results.append(
-                bench.run(
-                    f"steady {args.low_rate:g}/s × {args.low_seconds:g} s",
-                    system,
-                    steady(args.low_rate, args.low_seconds),
-                )
-            )
+        each(
+            f"steady {args.low_rate:g}/s × {args.low_seconds:g} s",
+            steady(args.low_rate, args.low_seconds),
+            [*systems, PLAIN],
+        )
     if "burst" in workloads:
-        for system in systems:
-            results.append(bench.run(f"burst {args.burst:,} in 1 s", system, burst(args.burst)))
+        each(f"burst {args.burst:,} in 1 s", burst(args.burst))
         if OURS in systems:  # beat's own publishing pace, the worker's left out of the way
             results.append(bench.run(f"burst {args.burst:,} in 1 s", OURS, burst(args.burst), capped=False))
     if "pending" in workloads:
-        for system in systems:
-            results.append(
-                bench.run(
-                    f"{args.pending:,} pending + {args.pending_rate:g}/s × {args.pending_seconds:g} s",
-                    system,
-                    steady(args.pending_rate, args.pending_seconds),
-                    pending=args.pending,
-                )
-            )
+        each(
+            f"{args.pending:,} pending + {args.pending_rate:g}/s × {args.pending_seconds:g} s",
+            steady(args.pending_rate, args.pending_seconds),
+            pending=args.pending,
+        )
     if "beats" in workloads and args.beats:
         for beats in [int(b) for b in args.beats.split(",")]:
             results.append(
                 bench.run(f"burst {args.burst * 2:,} in 1 s", OURS, burst(args.burst * 2), beats=beats, capped=False)
             )
     if "rolling" in workloads:
-        for system in systems:
-            results.append(
-                bench.run(
-                    f"rolling {args.rate:g}/s × {args.rolling_seconds:g} s, each scheduled {args.ahead:g} s ahead",
-                    system,
-                    steady(args.rate, args.rolling_seconds),
-                    ahead=args.ahead,
-                )
-            )
+        each(
+            f"rolling {args.rate:g}/s × {args.rolling_seconds:g} s, each scheduled {args.ahead:g} s ahead",
+            steady(args.rate, args.rolling_seconds),
+            ahead=args.ahead,
+        )
     costs = bench.api_costs(200 if args.quick else 1_000)
     print()
     print(table(results))
