@@ -303,19 +303,10 @@ def claim_due_within(
         room = cap - count_in_flight(schedullers, cap)
         return room, claim_due(schedullers, now, min(limit, room)) if room > 0 else []
     with _bound_cursor(binary=True) as cursor:
-        cursor.execute(_claim_within_sql(), _claim_within_params(schedullers, now, limit, cap))
+        cursor.execute(_CLAIM_WITHIN_SQL, _claim_within_params(schedullers, now, limit, cap))
         found = cursor.fetchall()
     # one row per claimed alarm, each with the room; one of NULLs beside it when none was claimed
     return int(found[0][0]), _claimed([values[1:] for values in found if values[1] is not None])
-
-
-def _claim_within_sql() -> str:
-    """``claim_due_within`` on PostgreSQL: the room under the cap, and a claim of at most that many."""
-    return (
-        f"WITH room AS (SELECT %s - count(*) AS n FROM ({_IN_FLIGHT_SQL}) f), "
-        f"claimed AS ({_claim_sql('LEAST(%s, GREATEST((SELECT n FROM room), 0))')}) "
-        "SELECT room.n, claimed.* FROM room LEFT JOIN claimed ON true"
-    )
 
 
 def _claim_within_params(schedullers: Sequence[str], now: dt.datetime, limit: int, cap: int) -> list[Any]:
@@ -325,7 +316,7 @@ def _claim_within_params(schedullers: Sequence[str], now: dt.datetime, limit: in
 def _claim_due_postgresql(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[dict[str, Any]]:
     """``claim_due`` as one statement: lock (skipping rows other beats hold), update, return."""
     with _bound_cursor(binary=True) as cursor:
-        cursor.execute(_claim_sql("%s"), _claim_params(schedullers, now, limit))
+        cursor.execute(_CLAIM_SQL, _claim_params(schedullers, now, limit))
         return _claimed(cursor.fetchall())
 
 
@@ -345,6 +336,16 @@ def _claim_sql(limit: str) -> str:
         f"AND dispatch_at <= %s ORDER BY dispatch_at LIMIT {limit} FOR UPDATE SKIP LOCKED)) "
         f"RETURNING {columns}"
     )
+
+
+# Built once, not per claim: ``claim_due``'s statement, and ``claim_due_within``'s (the room under the cap,
+# and a claim of at most that many)
+_CLAIM_SQL = _claim_sql("%s")
+_CLAIM_WITHIN_SQL = (
+    f"WITH room AS (SELECT %s - count(*) AS n FROM ({_IN_FLIGHT_SQL}) f), "
+    f"claimed AS ({_claim_sql('LEAST(%s, GREATEST((SELECT n FROM room), 0))')}) "
+    "SELECT room.n, claimed.* FROM room LEFT JOIN claimed ON true"
+)
 
 
 def _claim_params(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[Any]:

@@ -265,8 +265,8 @@ def test_the_claim_and_the_answer_look_their_rows_up_by_pk_whatever_the_statisti
     store.claim_due_within(names, now, 200, 1000)
     pkey = Alarm._meta.db_table + "_pkey"
     for sql, params in (
-        (store._claim_sql("%s"), store._claim_params(names, now, 100)),
-        (store._claim_within_sql(), store._claim_within_params(names, now, 100, 1000)),
+        (store._CLAIM_SQL, store._claim_params(names, now, 100)),
+        (store._CLAIM_WITHIN_SQL, store._claim_within_params(names, now, 100, 1000)),
         (store._FINISH_MANY_SQL, store._finish_many_params([store.AttemptRef.of_row(row) for row in rows[:50]])),
     ):
         scans = _scans_of_the_alarm_table(sql, params)
