@@ -461,6 +461,8 @@ class Bench:
             label += f", {self.args.workers} workers"
         if self.args.concurrency != 8:
             label += f", -c {self.args.concurrency}"
+        if system == OURS and self.args.publish_ahead:
+            label += f", published {self.args.publish_ahead} ms ahead"
         print(f"· {workload}: {label}, {len(dues):,} alarms", flush=True)
         self.reset()
         result = Result(workload, label, len(dues))
@@ -792,6 +794,13 @@ def main() -> None:
         help="the Celery broker's URL (default Redis db 12; e.g. amqp://guest:guest@127.0.0.1:5672//): the same "
         "broker for every system; the hits are recorded in Redis either way",
     )
+    parser.add_argument(
+        "--publish-ahead",
+        type=int,
+        default=0,
+        metavar="MS",
+        help="celery_scheduller's PUBLISH_AHEAD: beat publishes each alarm this long before it is due, with an eta",
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument(
         "--timeline",
@@ -800,6 +809,7 @@ def main() -> None:
         help="also write each run's task starts to DIR/<run>.csv (due, published, started, worker)",
     )
     args = parser.parse_args()
+    os.environ["BENCH_PUBLISH_AHEAD"] = str(args.publish_ahead)  # read by bench/settings.py in every process
     if args.broker:
         os.environ["BENCH_BROKER"] = args.broker  # read by bench/settings.py here and in every process started
     if args.quick:

@@ -51,4 +51,6 @@ if os.environ.get("BENCH_DB_CONNECTIONS", "pool") != "pool":
 CELERY_SCHEDULLER_MAX_IN_FLIGHT = (
     None if os.environ.get("BENCH_MAX_IN_FLIGHT") == "none" else int(os.environ.get("BENCH_MAX_IN_FLIGHT", "1000"))
 )
+# BENCH_PUBLISH_AHEAD (bench/compare.py --publish-ahead): alarms go out that many ms before they are due
+CELERY_SCHEDULLER_PUBLISH_AHEAD = int(os.environ.get("BENCH_PUBLISH_AHEAD", "0"))
 CELERY_SCHEDULLER_POLL_INTERVAL = int(os.environ.get("BENCH_POLL_INTERVAL", "500"))

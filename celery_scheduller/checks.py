@@ -22,7 +22,7 @@ def _check_values() -> list[CheckMessage]:
     from .exceptions import ConfigurationError
 
     errors: list[CheckMessage] = []
-    for check in (settings.keep_finished, settings.max_in_flight, settings.response_batch_wait):
+    for check in (settings.keep_finished, settings.max_in_flight, settings.response_batch_wait, settings.publish_ahead):
         try:
             check()
         except ConfigurationError as exc:

@@ -9,6 +9,11 @@ from django.conf import settings as django_settings
 
 PREFIX = "CELERY_SCHEDULLER_"
 
+#: The most PUBLISH_AHEAD may be (ms): an alarm published ahead waits in a worker's memory, and on
+#: Redis in the broker's unacknowledged set, for that long; a minute keeps both small and far below
+#: the Redis transport's visibility timeout (an hour), after which it would be delivered again.
+MAX_PUBLISH_AHEAD = 60_000
+
 DEFAULTS: dict[str, Any] = {
     # Dotted paths of every Scheduller class that beat and workers serve.
     "CLASSES": [],
@@ -21,6 +26,10 @@ DEFAULTS: dict[str, Any] = {
     # leaves due alarms pending in the database instead of queueing more than the workers can run
     # before the attempts' deadlines pass.
     "MAX_IN_FLIGHT": 1_000,
+    # How long (ms) before its due time beat publishes an alarm, as a Celery task with ``eta`` at that
+    # time: the worker takes it in ahead and starts it on time (0: published when due). Within this
+    # much of its time an alarm is published: ``reschedule`` no longer moves it, ``cancel`` revokes it.
+    "PUBLISH_AHEAD": 0,
     # After ``service_responded`` raised or returned garbage, the alarm is tried again this much later (ms).
     "ERROR_BACKOFF": 10_000,
     # While a beat handles a timed-out attempt it holds it this long (ms); if that beat dies meanwhile,
@@ -92,6 +101,17 @@ class Settings:
             from .exceptions import ConfigurationError
 
             raise ConfigurationError(f"{PREFIX}RESPONSE_BATCH_WAIT must be a non-negative integer (ms), got {value!r}")
+        return value
+
+    def publish_ahead(self) -> int:
+        """PUBLISH_AHEAD checked: an integer of milliseconds from 0 to MAX_PUBLISH_AHEAD."""
+        value = self.PUBLISH_AHEAD
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PUBLISH_AHEAD:
+            from .exceptions import ConfigurationError
+
+            raise ConfigurationError(
+                f"{PREFIX}PUBLISH_AHEAD must be an integer of milliseconds from 0 to {MAX_PUBLISH_AHEAD}, got {value!r}"
+            )
         return value
 
     def keeps_history(self) -> bool:

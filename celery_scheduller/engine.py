@@ -90,6 +90,7 @@ class _TaskSender:
         task_id: str,
         headers: dict[str, str],
         expires: dt.datetime,
+        eta: dt.datetime | None = None,
     ) -> None:
         amqp = self.app.amqp
         if self._sent_event is None:
@@ -109,6 +110,7 @@ class _TaskSender:
             (),
             kwargs,
             expires=expires,
+            eta=eta,
             time_limit=time_limit,
             soft_time_limit=soft_time_limit,
             create_sent_event=self._sent_event,
@@ -193,13 +195,14 @@ class AlarmEngine:
         for name in names:
             self._load_window(name, now)
         self._hold_announced(names)
+        ahead = settings.publish_ahead() / 1000
         polling = now >= self.next_poll_at
         more = False
         # a full batch last time means more is due now: claim again without waiting for the poll;
         # held back by MAX_IN_FLIGHT, look again after a short pause
         waited = self._throttled and now >= self._claimed_at + THROTTLE_PAUSE
-        if self.heap.pop_due(now) or polling or self._backlog or waited:
-            more = self._backlog = self._publish_due(names, to_datetime(now), producer)
+        if self.heap.pop_due(now + ahead) or polling or self._backlog or waited:
+            more = self._backlog = self._publish_due(names, to_datetime(now), producer, ahead)
             self._claimed_at = now
         if polling:
             more = self._answer_timeouts(names, to_datetime(now)) or more
@@ -213,7 +216,7 @@ class AlarmEngine:
         return next_wakeup(
             now,
             now + LISTEN_INTERVAL if self.listener.available else None,
-            self._next_claim(),
+            self._next_claim(ahead),
             self._claimed_at + THROTTLE_PAUSE if self._throttled else None,
             self.next_poll_at,
             self.next_record_at,
@@ -225,11 +228,12 @@ class AlarmEngine:
         """Release the LISTEN connection."""
         self.listener.close()
 
-    def _next_claim(self) -> float | None:
-        """When the next held alarm is due, claims at most every ``_claim_gap`` so a stream of due times
-        is published in batches rather than one claim per alarm."""
+    def _next_claim(self, ahead: float) -> float | None:
+        """When the next held alarm is to be published (``ahead`` seconds before it is due), claims at
+        most every ``_claim_gap`` so a stream of due times is published in batches rather than one claim
+        per alarm."""
         due = self.heap.next_due()
-        return None if due is None else max(due, self._claimed_at + self._claim_gap)
+        return None if due is None else max(due - ahead, self._claimed_at + self._claim_gap)
 
     def _hold_announced(self, names: Sequence[str]) -> None:
         """Hold alarms dispatched (by any process) into windows already loaded, as their owners announced.
@@ -311,8 +315,10 @@ class AlarmEngine:
             extra={"action": "loaded", "scheduller": name},
         )
 
-    def _publish_due(self, names: Sequence[str], now: dt.datetime, producer: Any) -> bool:
-        """Claim one batch of due alarms and publish it; True when the batch was full."""
+    def _publish_due(self, names: Sequence[str], now: dt.datetime, producer: Any, ahead: float = 0.0) -> bool:
+        """Claim one batch of alarms due within ``ahead`` seconds and publish it; True when the batch was
+        full. One not yet due goes out with its due time as the task's ``eta``."""
+        until = now + dt.timedelta(seconds=ahead)
         limit = settings.positive_ms("BATCH_SIZE")
         started = time.perf_counter()
         self._throttled = False
@@ -320,9 +326,9 @@ class AlarmEngine:
         cap = settings.max_in_flight()
         capped = False
         if cap is None:
-            rows = store.claim_due(names, now, limit)
+            rows = store.claim_due(names, now, limit, until)
         else:
-            room, rows = store.claim_due_within(names, now, limit, cap)
+            room, rows = store.claim_due_within(names, now, limit, cap, until)
             if room <= 0:
                 self._throttled = True
                 return False
@@ -334,7 +340,7 @@ class AlarmEngine:
         claimed = time.perf_counter()
         late_before = now - dt.timedelta(milliseconds=settings.LATE_AFTER)
         known = known_tasks(self.app)
-        outgoing: list[tuple[store.AttemptRef, Message, int]] = []
+        outgoing: list[tuple[store.AttemptRef, Message, int, dt.datetime | None]] = []
         for row in rows:
             ref = store.AttemptRef.of_row(row)
             message = store.message_from_row(row)
@@ -343,7 +349,8 @@ class AlarmEngine:
             if known is not None and message.service_name not in known:
                 self._fail(ref, message, f"UnknownTask: no Celery task named {message.service_name!r}", now)
             else:
-                outgoing.append((ref, message, row["timeout_ms"]))
+                eta = row["dispatch_at"] if row["dispatch_at"] > now else None
+                outgoing.append((ref, message, row["timeout_ms"], eta))
         sent = self._publish(outgoing, now, producer)
         self.published += len(sent)
         for ref, message in sent:
@@ -369,7 +376,10 @@ class AlarmEngine:
         return len(rows) == limit
 
     def _publish(
-        self, outgoing: list[tuple[store.AttemptRef, Message, int]], now: dt.datetime, producer: Any
+        self,
+        outgoing: list[tuple[store.AttemptRef, Message, int, dt.datetime | None]],
+        now: dt.datetime,
+        producer: Any,
     ) -> list[tuple[store.AttemptRef, Message]]:
         """Publish claimed attempts in one broker batch where the transport has one; returns those sent.
 
@@ -380,11 +390,11 @@ class AlarmEngine:
         with self.app.producer_or_acquire(producer) as producer:
             try:
                 with _batch(producer, len(outgoing)):
-                    for index, (ref, message, timeout_ms) in enumerate(outgoing):
+                    for index, (ref, message, timeout_ms, eta) in enumerate(outgoing):
                         if self._clock() >= _half_spent(ref, timeout_ms):
                             # Publishing fell behind: the rest would reach workers close to (or past) its
                             # deadline and expire unrun. Give it back; the next claim sets a fresh deadline.
-                            behind = [ref for ref, _message, _timeout in outgoing[index:]]
+                            behind = [ref for ref, *_rest in outgoing[index:]]
                             store.release(behind, now)
                             logger.warning(
                                 "publishing fell behind: released %s claimed alarms",
@@ -392,10 +402,10 @@ class AlarmEngine:
                                 extra={"action": "released", "count": len(behind)},
                             )
                             break
-                        self._send(ref, message, producer)
+                        self._send(ref, message, producer, eta)
                         sent.append((ref, message))
             except Exception as exc:
-                unsent = [ref for ref, _message in sent] + [ref for ref, _m, _t in outgoing[len(sent) :]]
+                unsent = [ref for ref, _message in sent] + [ref for ref, *_rest in outgoing[len(sent) :]]
                 store.release(unsent, now)
                 raise PublishFailed(f"publishing {len(outgoing)} alarms failed; released {len(unsent)} claims") from exc
         return sent
@@ -406,7 +416,7 @@ class AlarmEngine:
             logger.error("alarm %s failed: %s", message.id, reason, extra={"alarm_id": message.id, "action": "failed"})
             signals.send(signals.alarm_failed, ref.scheduller, message=message, attempt=ref.attempt, reason=reason)
 
-    def _send(self, ref: store.AttemptRef, message: Message, producer: Any) -> None:
+    def _send(self, ref: store.AttemptRef, message: Message, producer: Any, eta: dt.datetime | None) -> None:
         self._sender.send(
             producer,
             message.service_name,
@@ -414,6 +424,7 @@ class AlarmEngine:
             task_id_of(message.id, ref.attempt),
             header_of(ref, message),
             ref.deadline,
+            eta,
         )
 
     def _answer_timeouts(self, names: Sequence[str], now: dt.datetime) -> bool:

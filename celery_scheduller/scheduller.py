@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Final, final
 
@@ -56,6 +57,33 @@ _DEFAULT_TIMEOUT_MS = 5_000
 MAX_TIMEOUT_MS: Final = 2_147_483_647
 # dispatch_many checks and stores alarms this many at a time (on PostgreSQL one stored while the next is checked)
 _DISPATCH_BATCH = 2_000
+
+logger = logging.getLogger("celery_scheduller")
+
+
+def _revoke(attempts: Sequence[tuple[str, int]]) -> None:
+    """Tell the workers to drop these attempts, published ahead of their time (``PUBLISH_AHEAD``) and
+    cancelled before it: Celery's revoke, which a worker holding a task until its ``eta`` honours.
+
+    One try to reach the broker: where it fails, or a worker does not hear it, the task runs at its
+    time and its answer is ignored, as for any cancelled published attempt.
+    """
+    from celery import current_app
+
+    from .hooks import task_id_of
+
+    task_ids = [task_id_of(message_id, attempt) for message_id, attempt in attempts]
+    try:
+        with current_app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1)
+            current_app.control.revoke(task_ids, connection=connection)
+    except Exception as exc:  # the cancel stands; only the early drop is lost
+        logger.warning(
+            "could not revoke %s cancelled alarms published ahead (%s); they run at their time, answers ignored",
+            len(task_ids),
+            exc,
+            extra={"action": "revoke_failed", "count": len(task_ids)},
+        )
 
 
 def _now() -> dt.datetime:
@@ -253,13 +281,15 @@ class Scheduller:
 
         registry.check_served(type(self))
         name = self.scheduller_name()
-        cancelled = store.cancel(
+        cancelled, ahead = store.cancel(
             name,
             now or _now(),
             settings.keeps_history(),
             message_ids=message_ids,
             aggregate_id=aggregate_id,
         )
+        if ahead:
+            transaction.on_commit(lambda: _revoke(ahead))
         if cancelled:
             signals.send(signals.alarm_cancelled, name, message_ids=cancelled)
         return cancelled

@@ -257,66 +257,76 @@ def count_in_flight(schedullers: Sequence[str], up_to: int) -> int:
     return Alarm.objects.filter(state=states.PUBLISHED, scheduller__in=schedullers).values("pk")[:up_to].count()
 
 
-def claim_due(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[dict[str, Any]]:
-    """Claim up to ``limit`` pending alarms due at ``now``: pending → published, attempt + 1.
+def claim_due(
+    schedullers: Sequence[str], now: dt.datetime, limit: int, until: dt.datetime | None = None
+) -> list[dict[str, Any]]:
+    """Claim up to ``limit`` pending alarms due by ``until`` (default ``now``): pending → published,
+    attempt + 1, deadline ``timeout_ms`` after ``now`` or, for an alarm published ahead of its time,
+    after that time.
 
     Rows locked by another beat are skipped, so several beats share the work and each attempt is
     claimed by exactly one of them. Returned rows carry the new ``attempt`` and ``deadline``.
     """
+    until = now if until is None else until
     if connection.vendor == "postgresql":
-        return _claim_due_postgresql(schedullers, now, limit)
+        return _claim_due_postgresql(schedullers, now, limit, until)
     with transaction.atomic():
         rows = list(
             Alarm.objects.select_for_update(skip_locked=True)
-            .filter(state=states.PENDING, scheduller__in=schedullers, dispatch_at__lte=now)
+            .filter(state=states.PENDING, scheduller__in=schedullers, dispatch_at__lte=until)
             .order_by("dispatch_at")
             .values(*ROW_FIELDS)[:limit]
         )
-        by_timeout: dict[int, list[int]] = defaultdict(list)
+        # one update per timeout for the due alarms, one per timeout for those published ahead
+        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
         for row in rows:
-            by_timeout[row["timeout_ms"]].append(row["pk"])
-        for timeout_ms, pks in by_timeout.items():
-            deadline = now + dt.timedelta(milliseconds=timeout_ms)
+            groups[row["timeout_ms"], row["dispatch_at"] > now].append(row["pk"])
+        for (timeout_ms, ahead), pks in groups.items():
+            timeout = dt.timedelta(milliseconds=timeout_ms)
             changed = Alarm.objects.filter(pk__in=pks, state=states.PENDING).update(
                 state=states.PUBLISHED,
                 attempt=F("attempt") + 1,
                 published_at=now,
-                deadline=deadline,
+                deadline=F("dispatch_at") + timeout if ahead else now + timeout,
                 updated_at=now,
             )
             if changed != len(pks):
                 raise ClaimConflict(f"claimed {changed} of {len(pks)} locked alarms")
     for row in rows:
         row["attempt"] += 1
-        row["deadline"] = now + dt.timedelta(milliseconds=row["timeout_ms"])
+        row["deadline"] = max(now, row["dispatch_at"]) + dt.timedelta(milliseconds=row["timeout_ms"])
         row["published_at"] = now
     return rows
 
 
 def claim_due_within(
-    schedullers: Sequence[str], now: dt.datetime, limit: int, cap: int
+    schedullers: Sequence[str], now: dt.datetime, limit: int, cap: int, until: dt.datetime | None = None
 ) -> tuple[int, list[dict[str, Any]]]:
     """``claim_due`` of at most the room ``cap`` leaves beside the attempts in flight; returns that room
     (``cap`` minus ``count_in_flight``, before this claim) and the claimed rows. One statement on
     PostgreSQL, where beat claims this way before every batch: a round trip less per claim."""
     if connection.vendor != "postgresql":
         room = cap - count_in_flight(schedullers, cap)
-        return room, claim_due(schedullers, now, min(limit, room)) if room > 0 else []
+        return room, claim_due(schedullers, now, min(limit, room), until) if room > 0 else []
     with _bound_cursor(binary=True) as cursor:
-        cursor.execute(_CLAIM_WITHIN_SQL, _claim_within_params(schedullers, now, limit, cap))
+        cursor.execute(_CLAIM_WITHIN_SQL, _claim_within_params(schedullers, now, limit, cap, until))
         found = cursor.fetchall()
     # one row per claimed alarm, each with the room; one of NULLs beside it when none was claimed
     return int(found[0][0]), _claimed([values[1:] for values in found if values[1] is not None])
 
 
-def _claim_within_params(schedullers: Sequence[str], now: dt.datetime, limit: int, cap: int) -> list[Any]:
-    return [cap, states.PUBLISHED, list(schedullers), cap, *_claim_params(schedullers, now, limit)]
+def _claim_within_params(
+    schedullers: Sequence[str], now: dt.datetime, limit: int, cap: int, until: dt.datetime | None = None
+) -> list[Any]:
+    return [cap, states.PUBLISHED, list(schedullers), cap, *_claim_params(schedullers, now, limit, until)]
 
 
-def _claim_due_postgresql(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[dict[str, Any]]:
+def _claim_due_postgresql(
+    schedullers: Sequence[str], now: dt.datetime, limit: int, until: dt.datetime
+) -> list[dict[str, Any]]:
     """``claim_due`` as one statement: lock (skipping rows other beats hold), update, return."""
     with _bound_cursor(binary=True) as cursor:
-        cursor.execute(_CLAIM_SQL, _claim_params(schedullers, now, limit))
+        cursor.execute(_CLAIM_SQL, _claim_params(schedullers, now, limit, until))
         return _claimed(cursor.fetchall())
 
 
@@ -331,7 +341,7 @@ def _claim_sql(limit: str) -> str:
     columns = ", ".join("id" if field == "pk" else field for field in ROW_FIELDS)
     return (
         f"UPDATE {_ALARM} SET state = %s, attempt = attempt + 1, published_at = %s, "
-        "deadline = %s + timeout_ms * interval '1 millisecond', updated_at = %s "
+        "deadline = GREATEST(%s, dispatch_at) + timeout_ms * interval '1 millisecond', updated_at = %s "
         f"WHERE id = ANY(ARRAY(SELECT id FROM {_ALARM} WHERE state = %s AND scheduller = ANY(%s) "
         f"AND dispatch_at <= %s ORDER BY dispatch_at LIMIT {limit} FOR UPDATE SKIP LOCKED)) "
         f"RETURNING {columns}"
@@ -348,8 +358,11 @@ _CLAIM_WITHIN_SQL = (
 )
 
 
-def _claim_params(schedullers: Sequence[str], now: dt.datetime, limit: int) -> list[Any]:
-    return [states.PUBLISHED, now, now, now, states.PENDING, list(schedullers), now, limit]
+def _claim_params(
+    schedullers: Sequence[str], now: dt.datetime, limit: int, until: dt.datetime | None = None
+) -> list[Any]:
+    until = now if until is None else until
+    return [states.PUBLISHED, now, now, now, states.PENDING, list(schedullers), until, limit]
 
 
 def _claimed(found: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
@@ -570,8 +583,10 @@ def published_attempt(message_id: str, attempt: int) -> tuple[AttemptRef, Messag
 
 def cancel(
     scheduller: str, now: dt.datetime, keep_history: bool, *, message_ids: Iterable[str] = (), aggregate_id: str = ""
-) -> list[str]:
-    """Take alarms off the schedule by message id or by aggregate; returns the ids cancelled.
+) -> tuple[list[str], list[tuple[str, int]]]:
+    """Take alarms off the schedule by message id or by aggregate; returns the ids cancelled, and the
+    ``(message id, attempt)`` of those published ahead of their time (not due at ``now``): the attempts
+    a worker holds but has not started, which the caller revokes.
 
     A published attempt's late response is then ignored. Without history the rows are removed.
     """
@@ -580,18 +595,21 @@ def cancel(
         active.filter(aggregate_id=aggregate_id) if aggregate_id else active.filter(message_id__in=list(message_ids))
     )
     with transaction.atomic():
-        found = list(query.values_list("pk", "message_id"))
+        found = list(query.values_list("pk", "message_id", "state", "attempt", "dispatch_at"))
         if not found:
-            return []
-        guarded = active.filter(pk__in=[pk for pk, _ in found])
+            return [], []
+        guarded = active.filter(pk__in=[pk for pk, *_ in found])
         if keep_history:
             changed = guarded.update(state=states.CANCELLED, deadline=None, finished_at=now, updated_at=now)
         else:
             changed, _ = guarded.delete()
-            AlarmAttempt.objects.filter(message_id__in=[message_id for _, message_id in found]).delete()
+            AlarmAttempt.objects.filter(message_id__in=[message_id for _, message_id, *_ in found]).delete()
         if changed != len(found):
             raise ClaimConflict(f"cancelled {changed} of {len(found)} alarms; another process changed them")
-    return [message_id for _, message_id in found]
+    ahead = [
+        (message_id, attempt) for _, message_id, state, attempt, due in found if state == states.PUBLISHED and due > now
+    ]
+    return [message_id for _, message_id, *_ in found], ahead
 
 
 def reschedule(scheduller: str, message_id: str, dispatch_at: dt.datetime, now: dt.datetime) -> bool:

@@ -219,6 +219,9 @@ def test_reschedule_dispatch_now_and_restart_change_only_the_states_they_name():
         ({"USE_TZ": False}, "celery_scheduller.W001"),
         ({"CELERY_SCHEDULLER_RESPONSE_BATCH_WAIT": -1}, "celery_scheduller.E005"),
         ({"CELERY_SCHEDULLER_RESPONSE_BATCH_WAIT": 0.5}, "celery_scheduller.E005"),
+        ({"CELERY_SCHEDULLER_PUBLISH_AHEAD": -1}, "celery_scheduller.E005"),
+        ({"CELERY_SCHEDULLER_PUBLISH_AHEAD": 60_001}, "celery_scheduller.E005"),
+        ({"CELERY_SCHEDULLER_PUBLISH_AHEAD": "1000"}, "celery_scheduller.E005"),
     ],
 )
 def test_system_checks_catch_bad_configuration(overrides, error_id):
