@@ -457,6 +457,8 @@ class Bench:
         label = system if beats == 1 else f"{system} × {beats} beats"
         if not capped:
             label += ", no in-flight cap"
+        elif system == OURS and self.args.max_in_flight != 1_000:
+            label += f", in-flight cap {self.args.max_in_flight:,}"
         if self.args.workers > 1:
             label += f", {self.args.workers} workers"
         if self.args.concurrency != 8:
@@ -801,6 +803,13 @@ def main() -> None:
         metavar="MS",
         help="celery_scheduller's PUBLISH_AHEAD: beat publishes each alarm this long before it is due, with an eta",
     )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=1_000,
+        metavar="N",
+        help="celery_scheduller's MAX_IN_FLIGHT in the capped rows (default 1,000, the package's default)",
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument(
         "--timeline",
@@ -810,6 +819,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ["BENCH_PUBLISH_AHEAD"] = str(args.publish_ahead)  # read by bench/settings.py in every process
+    os.environ["BENCH_MAX_IN_FLIGHT"] = str(args.max_in_flight)  # the rows without a cap set "none"
     if args.broker:
         os.environ["BENCH_BROKER"] = args.broker  # read by bench/settings.py here and in every process started
     if args.quick:
