@@ -16,7 +16,9 @@ one fault while they come due, waits until every alarm has ended, and prints one
 - same-attempt reruns: an attempt executed twice (the broker delivered a message the worker had not
   acknowledged again: a killed worker, a cut connection);
 - re-executions: alarms executed under more than one attempt (a hung, lost or timed-out attempt was retried);
-- worst lateness: first execution minus due time.
+- worst lateness: first execution minus due time;
+- early starts: alarms first executed more than 50 ms before their due time (must be 0; the
+  ``kill-worker-ahead`` scenario publishes 3 s ahead, as tasks with ``eta``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Cluster:
     beats: list[subprocess.Popen[bytes]] = field(default_factory=list)
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    publish_ahead: int = 0  # ms: CELERY_SCHEDULLER_PUBLISH_AHEAD of beats and workers
 
     def env(self) -> dict[str, str]:
         return {
@@ -58,6 +61,7 @@ class Cluster:
             "CSCHED_DB_NAME": DB_NAME,
             "CSCHED_BROKER": BROKERS[self.broker],
             "CSCHED_RECORD_PUBLISHES": "1",
+            "CSCHED_PUBLISH_AHEAD": str(self.publish_ahead),
             "PYTHONPATH": str(ROOT),
         }
 
@@ -218,6 +222,8 @@ def kill_beats(cluster: Cluster, spread: float) -> None:
 FAULTS: dict[str, Callable[[Cluster, float], None]] = {
     "kill-beats": kill_beats,
     "kill-worker": after(1 / 3, lambda cluster: cluster.kill_worker(0)),
+    # beats publish 3 s ahead, so the killed worker holds tasks not yet due (as eta) as well as running ones
+    "kill-worker-ahead": after(1 / 3, lambda cluster: cluster.kill_worker(0)),
     "broker-outage": after(1 / 4, lambda cluster: broker_outage(cluster, OUTAGE[0])),
     "database-restart": after(1 / 3, database_restart),
     "connection-loss": after(1 / 3, connection_loss),
@@ -276,7 +282,7 @@ def scenario(broker: str, fault: str, alarms: int, spread: float, drain: float) 
 
     connection.close()
     workdir = Path(tempfile.mkdtemp(prefix=f"faults-{broker}-{fault}-"))
-    cluster = Cluster(broker, workdir)
+    cluster = Cluster(broker, workdir, publish_ahead=3_000 if fault == "kill-worker-ahead" else 0)
     cluster.start()
     time.sleep(4)  # let beats and workers connect
     start = timezone.now() + dt_seconds(3)
@@ -350,10 +356,8 @@ def report(broker, fault, alarms, spread, cluster, start, step):  # type: ignore
     first: dict[str, object] = {}
     for message_id, _kwargs, started in sorted(runs, key=lambda r: r[2]):
         first.setdefault(message_id, started)
-    worst = max(
-        ((started - (start + dt_seconds(int(m[1:]) * step))).total_seconds() for m, started in first.items()),
-        default=0.0,
-    )
+    lateness = [(started - (start + dt_seconds(int(m[1:]) * step))).total_seconds() for m, started in first.items()]
+    worst = max(lateness, default=0.0)
     return {
         "broker": broker,
         "fault": fault,
@@ -366,6 +370,7 @@ def report(broker, fault, alarms, spread, cluster, start, step):  # type: ignore
         "re_executions": re_executed,
         "executed": len(attempts_run),
         "worst_lateness_s": round(worst, 2),
+        "early_starts": sum(1 for late in lateness if late < -0.05),  # started before due: must be 0
         "events": "; ".join(cluster.log),
         "logs": str(cluster.workdir),
     }
@@ -396,7 +401,11 @@ def main() -> int:
     bad = [
         r
         for r in rows
-        if r["lost"] or r["double_published"] or "FAILED" in str(r["events"]) or (args.short and r["unfinished"])
+        if r["lost"]
+        or r["double_published"]
+        or r["early_starts"]
+        or "FAILED" in str(r["events"])
+        or (args.short and r["unfinished"])
     ]
     return 1 if bad else 0
 
@@ -441,13 +450,13 @@ def print_row(row: dict[str, object], header: bool) -> None:
     if header:
         print(
             "| broker | fault | alarms / spread | lost | still pending at the end | double-published "
-            "| same-attempt reruns | re-executions | worst lateness | what happened |"
+            "| same-attempt reruns | re-executions | worst lateness | early starts | what happened |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {row['broker']} | {row['fault']} | {row['alarms']} / {row['spread_s']} s | {row['lost']} | "
         f"{row['unfinished']} | {row['double_published']} | {row['same_attempt_reruns']} | {row['re_executions']} | "
-        f"{row['worst_lateness_s']} s | {row['events']} |",
+        f"{row['worst_lateness_s']} s | {row['early_starts']} | {row['events']} |",
         flush=True,
     )
 
