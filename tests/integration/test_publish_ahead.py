@@ -125,3 +125,23 @@ def test_cancelling_an_alarm_published_ahead_revokes_its_task(beat):
     time.sleep(1.0)  # long enough for the cancelled one, due at the same time, to have started
     assert not Run.objects.filter(message_id="cancelled").exists()
     assert not on_schedule("cancelled")
+
+
+def test_a_cancel_whose_revoke_cannot_reach_the_broker_still_stands(caplog):
+    from tests.celery_app import app
+
+    alarms = TestAlarms()
+    now = _now()
+    alarms.dispatch(Message.new("testapp.record", id="unrevoked"), "agg", in_ms=5_000, now=now)
+    store.claim_due(["tests"], now, 10, until=now + dt.timedelta(seconds=10))  # published ahead
+    saved = app.conf.broker_write_url
+    app.conf.broker_write_url = "redis://127.0.0.1:1/0"  # nothing listens there
+    try:
+        with caplog.at_level("WARNING", logger="celery_scheduller"):
+            assert alarms.cancel("unrevoked") is True
+    finally:
+        app.conf.broker_write_url = saved
+
+    assert not on_schedule("unrevoked")  # cancelled (kept as history by the test settings)
+    warned = [record for record in caplog.records if getattr(record, "action", None) == "revoke_failed"]
+    assert len(warned) == 1 and "could not revoke 1 cancelled alarms" in warned[0].getMessage()
