@@ -315,7 +315,7 @@ class AlarmEngine:
             extra={"action": "loaded", "scheduller": name},
         )
 
-    def _publish_due(self, names: Sequence[str], now: dt.datetime, producer: Any, ahead: float = 0.0) -> bool:
+    def _publish_due(self, names: Sequence[str], now: dt.datetime, producer: Any, ahead: float) -> bool:
         """Claim one batch of alarms due within ``ahead`` seconds and publish it; True when the batch was
         full. One not yet due goes out with its due time as the task's ``eta``."""
         until = now + dt.timedelta(seconds=ahead)
