@@ -276,3 +276,55 @@ def test_the_claim_and_the_answer_look_their_rows_up_by_pk_whatever_the_statisti
     refs = [store.AttemptRef.of_row(row) for row in rows]
     assert store.finish_many(refs) == {ref.pk for ref in refs}
     assert Alarm.objects.filter(state=states.PUBLISHED).count() == 200
+
+
+def _rows_read_from_the_alarm_table(sql: str, params: list) -> int:
+    """Rows the alarm table's scans returned when PostgreSQL ran ``sql`` (rolled back)."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)
+        (plan,) = cursor.fetchone()
+        transaction.set_rollback(True)
+    read, nodes = 0, [plan[0]["Plan"]]
+    while nodes:
+        node = nodes.pop()
+        if node.get("Relation Name") == Alarm._meta.db_table and "Scan" in node["Node Type"]:
+            read += node["Actual Rows"] * node["Actual Loops"]
+        nodes.extend(node.get("Plans", []))
+    return read
+
+
+@postgres_only
+def test_a_claim_far_behind_reads_no_more_due_rows_than_it_takes():
+    """Thousands of rows due at once (beat behind, or held back by MAX_IN_FLIGHT): a claim of ten reads
+    about ten rows per Scheduller, in due order, the earliest of all of them first. It read and sorted
+    every due row when the Schedullers were one ``ANY(…)`` condition, costing more the further behind:
+    under statistics taken before the rows were pending (as in a table that had just been emptied), the
+    planner took the (scheduller, state, dispatch_at) index, which yields no order for several names."""
+    fill(30_000, TestAlarms.name)
+    table = Alarm._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {table} SET scheduller = %s WHERE id %% 2 = 0", [FaultAlarms.name])
+        cursor.execute(f"UPDATE {table} SET state = %s WHERE state = %s", [states.PUBLISHED, states.PENDING])
+        cursor.execute(f"ANALYZE {table}")  # statistics that know of no pending row
+        cursor.execute(f"UPDATE {table} SET state = %s WHERE state = %s", [states.PENDING, states.PUBLISHED])
+    names = [TestAlarms.name, FaultAlarms.name]
+    now = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)  # every pending row due: about 27,000
+    due = Alarm.objects.filter(state=states.PENDING, scheduller__in=names, dispatch_at__lte=now)
+    assert due.count() > 20_000
+    for statistics in ("stale", "fresh"):
+        if statistics == "fresh":
+            with connection.cursor() as cursor:
+                cursor.execute(f"ANALYZE {table}")
+        for sql, params in (
+            (store._CLAIM_SQL, store._claim_params(names, now, 10)),
+            (store._CLAIM_WITHIN_SQL, store._claim_within_params(names, now, 10, 1_000)),
+        ):
+            # ten per Scheduller from the index, then the ten claimed again by pk; the cap's count reads none
+            assert _rows_read_from_the_alarm_table(sql, params) <= 10 * len(names) + 10, statistics
+    earliest = list(due.order_by("dispatch_at").values_list("message_id", flat=True)[:10])
+    rows = store.claim_due(names, now, 10)
+    assert [row["message_id"] for row in rows] == earliest
+    assert {row["scheduller"] for row in rows} == set(names)
+    room, rows = store.claim_due_within(names, now, 10, 1_000)
+    assert room == 990 and len(rows) == 10
+    assert Alarm.objects.filter(state=states.PUBLISHED).count() == 20
