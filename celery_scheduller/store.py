@@ -344,7 +344,8 @@ def _claim_sql(limit: str) -> str:
     statistics that knew of few pending rows (a table emptied or filled since it was analysed), the
     planner took any index led by ``state`` and sorted every due row before taking ``limit``. Cheap while
     beat keeps up; when it is behind, more work per claim the further behind (measured: 3,432 due rows
-    read and sorted to claim 10, 2 ms a claim; 27,000 rows, 22 ms).
+    read and sorted to claim 10, 2 ms a claim; 27,000 rows, 22 ms). With several names, the rows locked
+    beyond the outer ``LIMIT`` stay pending and are let go when the statement ends.
     """
     columns = ", ".join("id" if field == "pk" else field for field in ROW_FIELDS)
     return (
