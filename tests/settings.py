@@ -106,8 +106,8 @@ CELERY_SCHEDULLER_CLASSES = [
 ]
 CELERY_SCHEDULLER_POLL_INTERVAL = 200
 CELERY_SCHEDULLER_ERROR_BACKOFF = 500
-# Ended alarms are kept as history (the admin and status tests read it); "0" runs the seed's default.
 CELERY_SCHEDULLER_PUBLISH_AHEAD = int(os.environ.get("CSCHED_PUBLISH_AHEAD", "0"))  # the fault suite's "-ahead"
+# Ended alarms are kept as history (the admin and status tests read it); "0" runs the seed's default.
 CELERY_SCHEDULLER_KEEP_FINISHED = int(os.environ.get("CSCHED_KEEP_FINISHED", "3600")) or None
 
 LOGGING = {

@@ -236,18 +236,23 @@ def test_a_bad_max_in_flight_is_a_system_check_error(settings):
     assert len(errors) == 1 and "MAX_IN_FLIGHT" in errors[0].msg
 
 
+def _alarm_table_scan_nodes(plan: list) -> list[dict]:
+    """The nodes of an ``EXPLAIN (FORMAT JSON)`` plan that scan the alarm table."""
+    found, nodes = [], [plan[0]["Plan"]]
+    while nodes:
+        node = nodes.pop()
+        if node.get("Relation Name") == Alarm._meta.db_table and "Scan" in node["Node Type"]:
+            found.append(node)
+        nodes.extend(node.get("Plans", []))
+    return found
+
+
 def _scans_of_the_alarm_table(sql: str, params: list) -> list[tuple[str, str | None]]:
     """(node type, index) of each scan of the alarm table in the plan PostgreSQL picks for ``sql``."""
     with connection.cursor() as cursor:
         cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
         (plan,) = cursor.fetchone()
-    found, nodes = [], [plan[0]["Plan"]]
-    while nodes:
-        node = nodes.pop()
-        if node.get("Relation Name") == Alarm._meta.db_table and "Scan" in node["Node Type"]:
-            found.append((node["Node Type"], node.get("Index Name")))
-        nodes.extend(node.get("Plans", []))
-    return found
+    return [(node["Node Type"], node.get("Index Name")) for node in _alarm_table_scan_nodes(plan)]
 
 
 @postgres_only
@@ -284,13 +289,7 @@ def _rows_read_from_the_alarm_table(sql: str, params: list) -> int:
         cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)
         (plan,) = cursor.fetchone()
         transaction.set_rollback(True)
-    read, nodes = 0, [plan[0]["Plan"]]
-    while nodes:
-        node = nodes.pop()
-        if node.get("Relation Name") == Alarm._meta.db_table and "Scan" in node["Node Type"]:
-            read += node["Actual Rows"] * node["Actual Loops"]
-        nodes.extend(node.get("Plans", []))
-    return read
+    return sum(node["Actual Rows"] * node["Actual Loops"] for node in _alarm_table_scan_nodes(plan))
 
 
 @postgres_only
@@ -299,7 +298,7 @@ def test_a_claim_far_behind_reads_no_more_due_rows_than_it_takes():
     about ten rows per Scheduller, in due order, the earliest of all of them first. It read and sorted
     every due row when the Schedullers were one ``ANY(…)`` condition, costing more the further behind:
     under statistics taken before the rows were pending (as in a table that had just been emptied), the
-    planner took the (scheduller, state, dispatch_at) index, which yields no order for several names."""
+    planner took an index led by ``state`` or by the names, neither of which yields the due order."""
     fill(30_000, TestAlarms.name)
     table = Alarm._meta.db_table
     with connection.cursor() as cursor:
