@@ -255,7 +255,7 @@ class Bench:
                 "django_celery_beat_periodictasks"
             )
 
-    def worker(self, run: str, startup: float = 60) -> Proc:
+    def worker(self, run: str, startup: float = 60, env: dict[str, str] | None = None) -> Proc:
         """A fresh worker, returned once it ran a ping sent behind whatever the queue already holds
         (for ETA with a background, tens of thousands of ETA tasks it takes into memory first)."""
         proc = Proc(
@@ -280,6 +280,7 @@ class Bench:
                 f"{run}@bench",
             ],
             self.logs / f"{run}-worker.log",
+            env,
         )
         from bench.celery_app import app
 
@@ -473,9 +474,11 @@ class Bench:
             started = time.monotonic()
             done, note = self.background(system, run, pending)
             notes.append(note or f"{done:,} pending in the background (filled in {time.monotonic() - started:.0f} s)")
-        # with --workers, each waits for a ping of its own, which any of the started ones may run
+        # with --workers, each waits for a ping of its own, which any of the started ones may run;
+        # the other systems' workers are Celery's own (PUBLISH_AHEAD adds prefetch.PromptPrefetch)
+        stock = None if system == OURS else {"BENCH_PUBLISH_AHEAD": "0"}
         workers = [
-            self.worker(f"{run}w{index}" if index else run, startup=300 if pending else 60)
+            self.worker(f"{run}w{index}" if index else run, startup=300 if pending else 60, env=stock)
             for index in range(self.args.workers)
         ]
         procs = [*workers]

@@ -6,7 +6,8 @@ Connected to Celery's task signals by the app's ``ready()``:
 - ``task_postrun``: the return value or exception becomes ``message.response`` → ``service_responded``,
   whose decision the process's response writer stores (``writer``);
 - ``task_failure`` in the worker's main process: a hard time limit or a lost worker, for which the pool
-  child never reached ``task_postrun``, becomes an ``error`` response.
+  child never reached ``task_postrun``, becomes an ``error`` response;
+- ``worker_init``: with ``PUBLISH_AHEAD`` set, the worker's consumer gets ``prefetch.PromptPrefetch``.
 
 A failing hook is logged with the alarm id and never raised into the worker.
 """
@@ -22,6 +23,7 @@ from typing import Any
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import signals, states
 
+from . import prefetch
 from .message import Message, Response, compact_json
 from .store import AttemptRef
 
@@ -152,6 +154,7 @@ def _stop_writer(**_: Any) -> None:
 
 def connect() -> None:
     """Connect the hooks to Celery's signals (idempotent)."""
+    signals.worker_init.connect(prefetch.install, weak=False, dispatch_uid="celery_scheduller.prompt_prefetch")
     signals.worker_process_shutdown.connect(
         _stop_writer, weak=False, dispatch_uid="celery_scheduller.stop_writer_child"
     )

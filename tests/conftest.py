@@ -28,8 +28,9 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, step: f
         time.sleep(step)
 
 
-def start_worker(log: Path, *argv: str) -> subprocess.Popen[bytes]:
-    """Start ``celery worker`` (prefork) on the test database and the Redis broker; wait until ready."""
+def start_worker(log: Path, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``celery worker`` (prefork) on the test database and the session's broker (``env`` over the
+    environment); wait until ready."""
     from django.db import connection
 
     env = {
@@ -38,6 +39,7 @@ def start_worker(log: Path, *argv: str) -> subprocess.Popen[bytes]:
         "CSCHED_DB_NAME": str(connection.settings_dict["NAME"]),
         "CSCHED_LOG": "INFO",
         "PYTHONPATH": str(ROOT),
+        **(env or {}),
     }
     with open(log, "w") as out:
         proc = subprocess.Popen(

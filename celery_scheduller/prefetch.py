@@ -1,0 +1,75 @@
+"""The worker side of publishing ahead: take tasks held for their ``eta`` in as fast as they arrive.
+
+A Celery worker holds a task with an ``eta`` unacknowledged until its time and raises its prefetch count
+by one for each, so holding them leaves room to receive others. Its event loop applies the raised count
+only after its next poll of the broker's socket. Once the tasks held fill the window the broker sends
+nothing more, so that poll waits for the worker's next timer, up to 10 s: measured with Celery 5.7 on
+RabbitMQ, a worker started beside 3,000 waiting tasks with an ``eta`` took in 32 (its initial window) and
+then about 33 more every 10 s, so a burst published seconds ahead mostly reached the worker after its
+due time. On Redis the window is kept in the worker and the same worker took them all in.
+
+``PromptPrefetch`` applies a raised count before the poll: at once when half an initial window of tasks
+has come in since the last change, else within ``SETTLE`` seconds, so a steady stream of held tasks
+costs a few prefetch updates a second rather than one per task. It is added to the worker's consumer
+when ``PUBLISH_AHEAD`` is set, the one case where alarms reach workers with an ``eta``; the project's
+own ``eta=`` tasks in that worker are taken in the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import bootsteps
+
+#: Seconds within which a raised prefetch count smaller than half a window is applied.
+SETTLE = 0.02
+
+
+class PromptPrefetch(bootsteps.StartStopStep):
+    """A consumer step: apply the prefetch count raised for held ``eta`` tasks before the loop's poll."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._tick: Any = None
+
+    def start(self, parent: Any) -> None:
+        hub, qos = parent.hub, parent.qos
+        if hub is None or qos is None or not parent.initial_prefetch_count:
+            return  # no event loop (the solo pool, eventlet, gevent), or prefetch disabled
+        batch = max(1, parent.initial_prefetch_count // 2)
+        settling = False
+
+        def apply() -> None:
+            nonlocal settling
+            settling = False
+            if parent.qos is qos and qos.value != qos.prev:  # not a window of a connection since replaced
+                qos.update()
+
+        def tick() -> None:
+            nonlocal settling
+            raised = qos.value - (qos.prev or 0)
+            if raised >= batch:
+                apply()
+            elif raised > 0 and not settling:
+                settling = True
+                hub.call_later(SETTLE, apply)
+
+        self._tick = tick
+        hub.on_tick.add(tick)
+
+    def stop(self, parent: Any) -> None:
+        if self._tick is not None and parent.hub is not None:
+            parent.hub.on_tick.discard(self._tick)
+        self._tick = None
+
+    shutdown = stop
+
+
+def install(sender: Any = None, **_: Any) -> None:
+    """``worker_init`` receiver: add ``PromptPrefetch`` to the worker's consumer when publishing ahead."""
+    from .conf import settings
+
+    if sender is not None and settings.publish_ahead() > 0:
+        sender.app.steps["consumer"].add(PromptPrefetch)
