@@ -5,8 +5,9 @@ by one for each, so holding them leaves room to receive others. Its event loop a
 only after its next poll of the broker's socket. Once the tasks held fill the window the broker sends
 nothing more, so that poll waits for the worker's next timer, up to 10 s: measured with Celery 5.7 on
 RabbitMQ, a worker started beside 3,000 waiting tasks with an ``eta`` took in 32 (its initial window) and
-then about 33 more every 10 s, so a burst published seconds ahead mostly reached the worker after its
-due time. On Redis the window is kept in the worker and the same worker took them all in.
+then about 33 more every few seconds, so a burst published seconds ahead mostly reached the worker after
+its due time (``bench/eta_intake.py``). On Redis the window is kept in the worker and the same worker took
+them all in.
 
 ``PromptPrefetch`` applies a raised count before the poll: at once when half an initial window of tasks
 has come in since the last change, else within ``SETTLE`` seconds, so a steady stream of held tasks
