@@ -18,9 +18,12 @@ own ``eta=`` tasks in that worker are taken in the same way.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import bootsteps
+
+logger = logging.getLogger("celery_scheduller")
 
 #: Seconds within which a raised prefetch count smaller than half a window is applied.
 SETTLE = 0.02
@@ -74,3 +77,4 @@ def install(sender: Any = None, **_: Any) -> None:
 
     if sender is not None and settings.publish_ahead() > 0:
         sender.app.steps["consumer"].add(PromptPrefetch)
+        logger.info("PUBLISH_AHEAD is set: prefetch counts raised for eta tasks apply before each poll")
