@@ -806,7 +806,8 @@ def main() -> None:
         type=int,
         default=0,
         metavar="MS",
-        help="celery_scheduller's PUBLISH_AHEAD: beat publishes each alarm this long before it is due, with an eta",
+        help="celery_scheduller's PUBLISH_AHEAD: beat publishes each alarm this long before it is due, with an eta; "
+        "its workers get prefetch.PromptPrefetch (the other systems' workers stay Celery's own)",
     )
     parser.add_argument(
         "--max-in-flight",
