@@ -36,6 +36,14 @@ MIN_CLAIM_GAP = 0.005
 CLAIM_BATCH = 10
 #: Seconds between looks at the number in flight while MAX_IN_FLIGHT holds claims back.
 THROTTLE_PAUSE = 0.05
+#: Counting the attempts in flight reads one index entry per attempt (18 ms at 60,000 on PostgreSQL), so
+#: beat does not count before every claim when far below MAX_IN_FLIGHT: while the room it last counted,
+#: less what it claimed since, leaves at least ROOM_SPARE of the cap beside the next claim, it claims
+#: without counting, and counts again at least every ROOM_RECOUNT seconds. Answers only add room; what
+#: other beats claim meanwhile is the one thing the estimate misses, and they would have to claim a
+#: quarter of the cap within a second to take it past the cap.
+ROOM_SPARE = 0.25
+ROOM_RECOUNT = 1.0
 
 
 class PublishFailed(Exception):
@@ -186,6 +194,8 @@ class AlarmEngine:
         self._claimed_at = float("-inf")
         self._claim_gap = MAX_CLAIM_GAP
         self._throttled = False
+        # the room under MAX_IN_FLIGHT as last counted (for that cap), less what this beat claimed since
+        self._room: tuple[int, int, float] | None = None  # (cap, room, counted at)
 
     def tick(self, now: float, producer: Any) -> float:
         """One pass at ``now`` (epoch seconds); returns the seconds until the next pass is needed."""
@@ -327,8 +337,12 @@ class AlarmEngine:
         capped = False
         if cap is None:
             rows = store.claim_due(names, now, limit, until)
+        elif self._room_to_spare(cap, limit, now.timestamp()):
+            rows = store.claim_due(names, now, limit, until)
+            self._took_room(len(rows))
         else:
             room, rows = store.claim_due_within(names, now, limit, cap, until)
+            self._room = (cap, room - len(rows), now.timestamp())
             if room <= 0:
                 self._throttled = True
                 return False
@@ -374,6 +388,18 @@ class AlarmEngine:
             self._throttled = True  # more may be due: wait for answers before the next claim
             return False
         return len(rows) == limit
+
+    def _room_to_spare(self, cap: int, limit: int, now: float) -> bool:
+        """Whether a claim of ``limit`` leaves ROOM_SPARE of ``cap`` free by the last count (``ROOM_RECOUNT``)."""
+        if self._room is None:
+            return False
+        counted_cap, room, counted_at = self._room
+        return counted_cap == cap and now - counted_at < ROOM_RECOUNT and room - limit >= cap * ROOM_SPARE
+
+    def _took_room(self, claimed: int) -> None:
+        if self._room is not None:
+            cap, room, counted_at = self._room
+            self._room = (cap, room - claimed, counted_at)
 
     def _publish(
         self,

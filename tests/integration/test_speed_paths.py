@@ -194,6 +194,74 @@ def test_beat_keeps_at_most_max_in_flight_attempts_published_and_claims_more_as_
     assert Alarm.objects.filter(message_id__startswith="capped-", state=states.PUBLISHED).count() == 4
 
 
+def _counting_claims(monkeypatch) -> list[int]:
+    """The room each counted claim (``store.claim_due_within``) found, in order; the real claim runs."""
+    found: list[int] = []
+    real = store.claim_due_within
+
+    def counted(*args, **kwargs):
+        room, rows = real(*args, **kwargs)
+        found.append(room)
+        return room, rows
+
+    monkeypatch.setattr(store, "claim_due_within", counted)
+    return found
+
+
+def _stale_due(prefix: str, count: int) -> None:
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    TestAlarms().dispatch_many([(Message.new("testapp.stale", id=f"{prefix}-{n}"), "agg", past) for n in range(count)])
+
+
+def _in_flight(prefix: str) -> int:
+    return Alarm.objects.filter(message_id__startswith=prefix, state=states.PUBLISHED).count()
+
+
+def test_far_below_the_cap_beat_claims_without_counting_what_is_in_flight_each_time(beat, settings, monkeypatch):
+    settings.CELERY_SCHEDULLER_MAX_IN_FLIGHT = 100
+    settings.CELERY_SCHEDULLER_BATCH_SIZE = 5
+    _stale_due("far", 40)
+    counts = _counting_claims(monkeypatch)
+    scheduler = beat()
+    for _ in range(8):  # one claim of 5 per tick
+        scheduler.tick_alarms(time.time())
+    assert _in_flight("far") == 40 and scheduler.alarm_engine.published == 40
+    # counted once (room 100); each later claim left at least a quarter of the cap free by that count
+    assert counts == [100]
+
+
+def test_near_the_cap_beat_counts_before_every_claim_and_stops_at_it(beat, settings, monkeypatch):
+    settings.CELERY_SCHEDULLER_MAX_IN_FLIGHT = 12
+    settings.CELERY_SCHEDULLER_BATCH_SIZE = 5
+    _stale_due("near", 20)
+    counts = _counting_claims(monkeypatch)
+    scheduler = beat()
+    for _ in range(5):
+        scheduler.tick_alarms(time.time())
+        time.sleep(0.06)  # past the pause a throttled beat takes
+    assert _in_flight("near") == 12
+    assert counts[:4] == [12, 7, 2, 0]
+
+
+def test_what_other_beats_claim_is_counted_within_a_recount_and_the_cap_holds(beat, settings, monkeypatch):
+    from celery_scheduller import engine
+
+    monkeypatch.setattr(engine, "ROOM_RECOUNT", 0.2)
+    settings.CELERY_SCHEDULLER_MAX_IN_FLIGHT = 100
+    settings.CELERY_SCHEDULLER_BATCH_SIZE = 5
+    _stale_due("shared", 200)
+    counts = _counting_claims(monkeypatch)
+    scheduler = beat()
+    scheduler.tick_alarms(time.time())  # counts 100 free, claims 5
+    store.claim_due([TestAlarms.name], dt.datetime.now(dt.UTC), 80)  # another beat, unseen by this one's count
+    time.sleep(0.25)
+    for _ in range(10):
+        scheduler.tick_alarms(time.time())
+        time.sleep(0.06)
+    assert _in_flight("shared") == 100
+    assert counts[:2] == [100, 15]
+
+
 def test_a_claim_within_the_cap_takes_at_most_the_room_left_and_says_how_much_there_was():
     past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
     TestAlarms().dispatch_many(
