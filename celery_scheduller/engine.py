@@ -44,6 +44,14 @@ THROTTLE_PAUSE = 0.05
 #: quarter of the cap within a second to take it past the cap.
 ROOM_SPARE = 0.25
 ROOM_RECOUNT = 1.0
+#: Every claimed alarm leaves its pending version's index entry behind until VACUUM, where a claim's
+#: range starts. So only the poll claims from the beginning; between polls claims start at beat's floor:
+#: the time up to which its last claim took everything due (the end of its range, or the last row of a
+#: full one) less FLOOR_MARGIN seconds. An alarm beat holds (loaded, or announced by ``dispatch``,
+#: ``reschedule`` or ``restart``) lowers the floor to its due time when it comes due; any other pending
+#: row below it (a retry a worker wrote, an attempt another beat released) is the poll's, as it always
+#: was. Releasing claims of its own starts beat from the beginning again.
+FLOOR_MARGIN = 1.0
 
 
 class PublishFailed(Exception):
@@ -196,6 +204,7 @@ class AlarmEngine:
         self._throttled = False
         # the room under MAX_IN_FLIGHT as last counted (for that cap), less what this beat claimed since
         self._room: tuple[int, int, float] | None = None  # (cap, room, counted at)
+        self._floor: dt.datetime | None = None  # claims between polls start here (None: the beginning)
 
     def tick(self, now: float, producer: Any) -> float:
         """One pass at ``now`` (epoch seconds); returns the seconds until the next pass is needed."""
@@ -211,8 +220,15 @@ class AlarmEngine:
         # a full batch last time means more is due now: claim again without waiting for the poll;
         # held back by MAX_IN_FLIGHT, look again after a short pause
         waited = self._throttled and now >= self._claimed_at + THROTTLE_PAUSE
-        if self.heap.pop_due(now + ahead) or polling or self._backlog or waited:
-            more = self._backlog = self._publish_due(names, to_datetime(now), producer, ahead)
+        earliest = self.heap.next_due()
+        if self.heap.pop_due(now + ahead):
+            assert earliest is not None  # something was popped
+            self._lower_floor(to_datetime(earliest))
+            popped = True
+        else:
+            popped = False
+        if popped or polling or self._backlog or waited:
+            more = self._backlog = self._publish_due(names, to_datetime(now), producer, ahead, polling)
             self._claimed_at = now
         if polling:
             more = self._answer_timeouts(names, to_datetime(now)) or more
@@ -325,10 +341,14 @@ class AlarmEngine:
             extra={"action": "loaded", "scheduller": name},
         )
 
-    def _publish_due(self, names: Sequence[str], now: dt.datetime, producer: Any, ahead: float) -> bool:
-        """Claim one batch of alarms due within ``ahead`` seconds and publish it; True when the batch was
-        full. One not yet due goes out with its due time as the task's ``eta``."""
+    def _publish_due(
+        self, names: Sequence[str], now: dt.datetime, producer: Any, ahead: float, from_start: bool = True
+    ) -> bool:
+        """Claim one batch of alarms due within ``ahead`` seconds (``from_start``: of all, else from the
+        floor) and publish it; True when the batch was full. One not yet due goes out with its due time
+        as the task's ``eta``."""
         until = now + dt.timedelta(seconds=ahead)
+        since = None if from_start else self._floor
         limit = settings.positive_ms("BATCH_SIZE")
         started = time.perf_counter()
         self._throttled = False
@@ -336,17 +356,21 @@ class AlarmEngine:
         cap = settings.max_in_flight()
         capped = False
         if cap is None:
-            rows = store.claim_due(names, now, limit, until)
+            rows = store.claim_due(names, now, limit, until, since)
         elif self._room_to_spare(cap, limit, now.timestamp()):
-            rows = store.claim_due(names, now, limit, until)
+            rows = store.claim_due(names, now, limit, until, since)
             self._took_room(len(rows))
         else:
-            room, rows = store.claim_due_within(names, now, limit, cap, until)
+            room, rows = store.claim_due_within(names, now, limit, cap, until, since)
             self._room = (cap, room - len(rows), now.timestamp())
             if room <= 0:
                 self._throttled = True
                 return False
             capped, limit = room < limit, min(limit, room)
+        # everything due before the last row of a full claim, or by ``until``, was taken (or is locked
+        # by another beat, which publishes or releases it)
+        taken_until = rows[-1]["dispatch_at"] if rows and len(rows) >= limit else until
+        self._floor = taken_until - dt.timedelta(seconds=FLOOR_MARGIN)
         elapsed = now.timestamp() - self._claimed_at
         self._claim_gap = claim_gap(len(rows), elapsed, CLAIM_BATCH, MIN_CLAIM_GAP, MAX_CLAIM_GAP)
         if not rows:
@@ -396,6 +420,11 @@ class AlarmEngine:
         counted_cap, room, counted_at = self._room
         return counted_cap == cap and now - counted_at < ROOM_RECOUNT and room - limit >= cap * ROOM_SPARE
 
+    def _lower_floor(self, due: dt.datetime) -> None:
+        """An alarm beat holds came due at ``due``: the next claim starts no later than that."""
+        if self._floor is not None:
+            self._floor = min(self._floor, due - dt.timedelta(seconds=FLOOR_MARGIN))
+
     def _took_room(self, claimed: int) -> None:
         if self._room is not None:
             cap, room, counted_at = self._room
@@ -421,6 +450,7 @@ class AlarmEngine:
                             # Publishing fell behind: the rest would reach workers close to (or past) its
                             # deadline and expire unrun. Give it back; the next claim sets a fresh deadline.
                             behind = [ref for ref, *_rest in outgoing[index:]]
+                            self._floor = None  # pending again, below the floor
                             store.release(behind, now)
                             logger.warning(
                                 "publishing fell behind: released %s claimed alarms",
@@ -432,6 +462,7 @@ class AlarmEngine:
                         sent.append((ref, message))
             except Exception as exc:
                 unsent = [ref for ref, _message in sent] + [ref for ref, *_rest in outgoing[len(sent) :]]
+                self._floor = None  # pending again, below the floor
                 store.release(unsent, now)
                 raise PublishFailed(f"publishing {len(outgoing)} alarms failed; released {len(unsent)} claims") from exc
         return sent

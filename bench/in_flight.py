@@ -1,0 +1,108 @@
+"""What beat and PostgreSQL spend publishing a steady stream while many attempts are in flight.
+
+    python bench/in_flight.py [--rate 1000] [--seconds 60] [--publish-ahead 60000] [--max-in-flight 110000]
+
+A 60 s ``PUBLISH_AHEAD`` at 1,000 alarms a second keeps 60,000 attempts published and unanswered: the
+MAX_IN_FLIGHT the README asks for then is above that. ``--rate`` alarms a second, due over ``--seconds``,
+are stored first; one beat publishes them ``--publish-ahead`` ms before their time to a queue no worker
+reads, so nothing is answered and the count in flight only grows. Prints beat's CPU, the CPU of every
+PostgreSQL process (the server does the counting), beat's claims and how late the last alarm went out
+against its publish time (due − lead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.settings")
+
+LOG = Path(tempfile.gettempdir()) / "csched-in-flight.log"
+
+
+def postgres_cpu() -> float:
+    """CPU seconds used so far by the processes named postgres (the server and its backends)."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == "postgres":
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=int, default=1_000)
+    parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--publish-ahead", type=int, default=60_000, metavar="MS")
+    parser.add_argument("--max-in-flight", type=int, default=110_000, metavar="N")
+    args = parser.parse_args()
+    os.environ["BENCH_PUBLISH_AHEAD"] = str(args.publish_ahead)  # read by bench/settings.py, here and in beat
+    os.environ["BENCH_MAX_IN_FLIGHT"] = str(args.max_in_flight)
+    from bench.compare import prepare_database
+
+    prepare_database()
+    import psutil
+    import redis
+    from django.conf import settings
+
+    from bench.alarms import BenchAlarms
+    from celery_scheduller import Message
+
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    broker.flushdb()
+    count = args.rate * args.seconds
+    lead = args.publish_ahead / 1000
+    first_due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lead + 5)
+    step = dt.timedelta(seconds=1 / args.rate)
+    BenchAlarms().dispatch_many(
+        (Message.new("bench.hit", raw_request={"n": n}), f"a{n % 1000}", first_due + n * step) for n in range(count)
+    )
+    LOG.unlink(missing_ok=True)
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bench.celery_app", "beat", "-S", "celery_scheduller", "-l", "info",
+         "-f", str(LOG), "--pidfile=", "-s", str(Path(tempfile.gettempdir()) / "csched-in-flight-beat")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        ps = psutil.Process(beat.pid)
+        beat0, pg0 = ps.cpu_times(), postgres_cpu()
+        last_due = first_due + dt.timedelta(seconds=(count - 1) / args.rate)
+        give_up = time.time() + lead + 5 + args.seconds + 120
+        while broker.llen("celery") < count:
+            if time.time() > give_up:
+                raise RuntimeError(f"beat did not publish {count} alarms in time; its log: {LOG}")
+            time.sleep(0.2)
+        done_at = dt.datetime.now(dt.UTC)
+        beat1, pg1 = ps.cpu_times(), postgres_cpu()
+    finally:
+        beat.terminate()
+        beat.wait()
+    beat_cpu = beat1.user + beat1.system - beat0.user - beat0.system
+    claims = re.findall(r"published (\d+) alarms \(claim ([\d.]+) s", LOG.read_text())
+    claim_ms = 1000 * sum(float(seconds) for _n, seconds in claims) / max(1, len(claims))
+    last_late = (done_at - (last_due - dt.timedelta(seconds=lead))).total_seconds()
+    print(
+        f"{count:,} alarms at {args.rate}/s, published {args.publish_ahead} ms ahead, cap {args.max_in_flight:,}: "
+        f"beat CPU {beat_cpu:.2f} s ({1000 * beat_cpu / count:.3f} ms/alarm), PostgreSQL CPU {pg1 - pg0:.2f} s "
+        f"({1000 * (pg1 - pg0) / count:.3f} ms/alarm), {len(claims):,} claims of {claim_ms:.1f} ms on average, "
+        f"the last alarm out {last_late:.2f} s after its publish time"
+    )
+
+
+if __name__ == "__main__":
+    main()
