@@ -220,13 +220,10 @@ class AlarmEngine:
         # a full batch last time means more is due now: claim again without waiting for the poll;
         # held back by MAX_IN_FLIGHT, look again after a short pause
         waited = self._throttled and now >= self._claimed_at + THROTTLE_PAUSE
-        earliest = self.heap.next_due()
-        if self.heap.pop_due(now + ahead):
-            assert earliest is not None  # something was popped
+        earliest = self.heap.next_due()  # of what pops now, if anything does
+        popped = bool(self.heap.pop_due(now + ahead))
+        if popped and earliest is not None:
             self._lower_floor(to_datetime(earliest))
-            popped = True
-        else:
-            popped = False
         if popped or polling or self._backlog or waited:
             more = self._backlog = self._publish_due(names, to_datetime(now), producer, ahead, polling)
             self._claimed_at = now
