@@ -486,7 +486,6 @@ class AlarmEngine:
         limit = settings.positive_ms("BATCH_SIZE")
         lease_until = now + dt.timedelta(milliseconds=settings.positive_ms("TIMEOUT_LEASE"))
         leased = store.lease_timeouts(names, now, lease_until, limit)
-        for ref, message in leased:
-            responses.respond(ref, message, Response("timeout"), now)
+        responses.store_many([responses.decide(ref, message, Response("timeout"), now) for ref, message in leased])
         self.timeouts += len(leased)
         return len(leased) == limit

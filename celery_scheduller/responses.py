@@ -88,13 +88,33 @@ def store_decided(decided: Decided) -> str:
 
 
 def store_many(decisions: Sequence[Decided]) -> list[str]:
-    """``store_decided`` for many: on PostgreSQL without history every ``finished`` in one statement
-    (the worker's response writer stores what its tasks decided this way), the rest one by one."""
-    finishing = [d for d in decisions if d.again is None]
-    if not finishing or not store.finishes_in_one_statement(settings.keeps_history()):
-        return [store_decided(d) for d in decisions]
-    finished = store.finish_many([d.ref for d in finishing])
-    return [_stored(d, d.ref.pk in finished) if d.again is None else store_decided(d) for d in decisions]
+    """``store_decided`` for many, in order; returns the actions. On PostgreSQL every retry (and error
+    back-off) goes in one statement and, without history, every ``finished`` in another: the worker's
+    response writer and beat's timeouts store what was decided this way. The rest one by one, as is a
+    second decision for an alarm the batch already holds (it is ignored, as one after the other would be)."""
+    first: dict[int, int] = {}
+    for index, decided in enumerate(decisions):
+        first.setdefault(decided.ref.pk, index)
+    finishing, retrying = [], []
+    if store.finishes_in_one_statement(settings.keeps_history()):
+        finishing = [i for i, d in enumerate(decisions) if d.again is None and first[d.ref.pk] == i]
+    if store.retries_in_one_statement():
+        retrying = [i for i, d in enumerate(decisions) if d.again is not None and first[d.ref.pk] == i]
+    applied: dict[int, bool] = {}
+    if finishing:
+        finished = store.finish_many([decisions[i].ref for i in finishing])
+        applied.update((i, decisions[i].ref.pk in finished) for i in finishing)
+    if retrying:
+        retried = store.retry_many([_new_attempt(decisions[i]) for i in retrying])
+        applied.update((i, decisions[i].ref.pk in retried) for i in retrying)
+    return [_stored(d, applied[i]) if i in applied else store_decided(d) for i, d in enumerate(decisions)]
+
+
+def _new_attempt(decided: Decided) -> store.NewAttempt:
+    assert decided.again is not None and decided.due is not None
+    return store.NewAttempt(
+        decided.ref, decided.again, decided.due, decided.timeout_ms, decided.response, decided.now, decided.note
+    )
 
 
 def _stored(decided: Decided, applied: bool) -> str:

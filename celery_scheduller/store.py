@@ -571,6 +571,73 @@ def retry(
     return changed > 0
 
 
+def retries_in_one_statement() -> bool:
+    """Whether ``retry_many`` stores many retries in one statement here (PostgreSQL)."""
+    return connection.vendor == "postgresql"
+
+
+# ``retry`` with its history row, for many attempts at once: rows found by pk, guarded in the join as in
+# ``_FINISH_MANY_SQL``, each retry's values from the arrays.
+_RETRY_MANY_SQL = (
+    "WITH r AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::timestamptz[], %s::text[], %s::text[], "
+    "%s::text[], %s::timestamptz[], %s::int[], %s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], "
+    "%s::timestamptz[]) AS r(pk, attempt, deadline, task_name, raw_request, assigns, dispatch_at, timeout_ms, "
+    "last_response, published_at, status, error, decision, now)), "
+    f"changed AS (UPDATE {_ALARM} a SET state = %s, task_name = r.task_name, raw_request = r.raw_request::jsonb, "
+    "assigns = r.assigns::jsonb, dispatch_at = r.dispatch_at, timeout_ms = r.timeout_ms, deadline = NULL, "
+    "last_response = r.last_response::jsonb, updated_at = r.now FROM r WHERE a.id = ANY(%s::bigint[]) "
+    "AND a.id = r.pk AND a.state = %s AND a.attempt = r.attempt AND a.deadline = r.deadline "
+    "RETURNING a.id, a.message_id, r.attempt, r.published_at, r.now, r.status, r.error, r.decision), "
+    f"history AS (INSERT INTO {_ATTEMPT} (message_id, attempt, published_at, responded_at, status, error, decision) "
+    "SELECT message_id, attempt, published_at, now, status, error, decision FROM changed) "
+    "SELECT id FROM changed"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewAttempt:
+    """One retry for ``retry_many``: ``retry``'s arguments."""
+
+    ref: AttemptRef
+    message: Message
+    dispatch_at: dt.datetime
+    timeout_ms: int
+    response: Response
+    now: dt.datetime
+    decision: str
+
+
+def retry_many(retries: Sequence[NewAttempt]) -> set[int]:
+    """``retry`` for many attempts (of distinct alarms) in one statement (``retries_in_one_statement``);
+    returns the pks of the alarms stored as retries (the others were answered, timed out or cancelled)."""
+    refs = [retry.ref for retry in retries]
+    pks = [ref.pk for ref in refs]
+    with _bound_cursor() as cursor:
+        cursor.execute(
+            _RETRY_MANY_SQL,
+            [
+                pks,
+                [ref.attempt for ref in refs],
+                [ref.deadline for ref in refs],
+                [retry.message.service_name for retry in retries],
+                [_compact(retry.message.raw_request, "raw_request") for retry in retries],
+                [_compact(retry.message.assigns, "assigns") for retry in retries],
+                [retry.dispatch_at for retry in retries],
+                [retry.timeout_ms for retry in retries],
+                [json.dumps(retry.response.to_json()) for retry in retries],
+                [ref.published_at for ref in refs],
+                [retry.response.status for retry in retries],
+                [retry.response.error or "" for retry in retries],
+                [retry.decision[:50] for retry in retries],
+                [retry.now for retry in retries],
+                states.PENDING,
+                pks,
+                states.PUBLISHED,
+            ],
+        )
+        return {pk for (pk,) in cursor.fetchall()}
+
+
 def _record_attempt(ref: AttemptRef, response: Response, now: dt.datetime, decision: str) -> None:
     AlarmAttempt.objects.create(
         message_id=ref.message_id,

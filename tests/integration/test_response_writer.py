@@ -13,7 +13,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from celery_scheduller import Message, Response, responses, signals, states, store
-from celery_scheduller.models import Alarm
+from celery_scheduller.message import to_json_value
+from celery_scheduller.models import Alarm, AlarmAttempt
 from celery_scheduller.writer import ResponseWriter
 from tests.conftest import run_beat
 from tests.testapp.alarms import FaultAlarms, TestAlarms
@@ -50,6 +51,58 @@ def test_many_oks_are_stored_in_one_statement_and_a_stale_one_is_ignored(setting
     assert len(ours) == 1, ours
     assert actions == ["ignored"] + ["finished"] * 9
     assert not Alarm.objects.filter(message_id__startswith="many-").exists()
+
+
+def test_many_retries_are_stored_in_one_statement_with_their_history():
+    """Beat's timeouts and a worker's failing tasks: each retry's own message, due time and timeout,
+    its attempt on record, ``alarm_retried`` once; on PostgreSQL one statement for them all. A stale
+    attempt and a second decision for an alarm already in the batch are ignored."""
+    alarms = TestAlarms()
+    past = timezone.now() - dt.timedelta(seconds=1)
+    assigns = {"retries_left": 1, "retry_ms": 60_000, "retry_timeout_ms": 7_000}
+    alarms.dispatch_many(
+        (Message.new("testapp.record", {"n": n}, id=f"again-{n}", assigns=assigns), "agg", past) for n in range(10)
+    )
+    rows = store.claim_due([alarms.scheduller_name()], timezone.now(), 100)
+    published = sorted(((store.AttemptRef.of_row(r), store.message_from_row(r)) for r in rows), key=lambda p: p[1].id)
+    now = timezone.now()
+    decided = [responses.decide(ref, message, Response("timeout"), now) for ref, message in published]
+    store.release([published[0][0]], now)  # its attempt is no longer the published one
+    decided.append(decided[1])
+    retried: list[tuple[str, object]] = []
+
+    def on_retried(sender, message, attempt, dispatch_at, **_):
+        retried.append((message.id, dispatch_at))
+
+    signals.alarm_retried.connect(on_retried, weak=False)
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            actions = responses.store_many(decided)
+    finally:
+        signals.alarm_retried.disconnect(on_retried)
+    ours = [q["sql"] for q in queries.captured_queries if "celery_scheduller_alarm" in q["sql"]]
+    if connection.vendor == "postgresql":
+        assert len(ours) == 2, ours  # the batch, then the second decision alone
+    assert actions == ["ignored"] + ["retried"] * 9 + ["ignored"]
+    due = now + dt.timedelta(milliseconds=60_000)
+    assert sorted(retried) == [(f"again-{n}", due) for n in range(1, 10)]
+    for n in range(1, 10):
+        alarm = Alarm.objects.get(message_id=f"again-{n}")
+        assert (alarm.state, alarm.attempt, alarm.dispatch_at, alarm.timeout_ms, alarm.deadline) == (
+            states.PENDING, 1, due, 7_000, None
+        )  # fmt: skip
+        assert alarm.raw_request == {"n": n, "try": 1}
+        assert alarm.assigns == to_json_value(decided[n].again.assigns, "assigns")
+        assert (alarm.assigns["retries_left"], alarm.assigns["tries"]) == (0, 1)
+        assert alarm.last_response["status"] == "timeout" and alarm.updated_at == now
+        (attempt,) = AlarmAttempt.objects.filter(message_id=f"again-{n}")
+        ref = published[n][0]
+        assert (attempt.attempt, attempt.published_at, attempt.responded_at, attempt.status, attempt.decision) == (
+            1, ref.published_at, now, "timeout", "retry in 60000 ms"
+        )  # fmt: skip
+    stale = Alarm.objects.get(message_id="again-0")
+    assert stale.raw_request == {"n": 0} and stale.last_response is None
+    assert not AlarmAttempt.objects.filter(message_id="again-0").exists()
 
 
 def test_the_writer_stores_what_threads_submit_and_signals_each_alarm_once():
