@@ -10,6 +10,11 @@ reads, so nothing is answered and the count in flight only grows. Prints beat's 
 PostgreSQL process (the server does the counting), beat's claims and how late the last alarm went out
 against its publish time (due − lead). ``--pending N`` first stores N more alarms due over the six days
 after tomorrow, as compare.py's ``pending`` workload does: rows each claim must not read.
+
+Before beat starts, the same process publishes ``--reference`` tasks (default 20,000) with Celery's own
+``app.send_task`` in ``producer.batch`` blocks of 10 on one producer, to a queue of their own: what a
+Celery publisher alone costs per task on this machine at this moment. Beat's CPU per alarm is printed
+beside it as a ratio, the figure to compare across runs (absolute times here vary by 2× from day to day).
 """
 
 from __future__ import annotations
@@ -46,6 +51,22 @@ def postgres_cpu() -> float:
     return total
 
 
+def send_task_cost(count: int) -> float:
+    """CPU seconds per task of ``count`` ``app.send_task`` calls in batches of 10 on one producer."""
+    from bench.celery_app import app
+
+    queue = "csched-reference"
+    with app.producer_or_acquire() as producer:
+        app.send_task("bench.hit", kwargs={"n": -1}, queue=queue, producer=producer)  # connect, declare
+        started = time.process_time()
+        for first in range(0, count, 10):
+            with producer.batch(max_size=10):
+                for n in range(first, min(first + 10, count)):
+                    app.send_task("bench.hit", kwargs={"n": n}, queue=queue, producer=producer)
+        spent = time.process_time() - started
+    return spent / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=int, default=1_000)
@@ -53,6 +74,7 @@ def main() -> None:
     parser.add_argument("--publish-ahead", type=int, default=60_000, metavar="MS")
     parser.add_argument("--max-in-flight", type=int, default=110_000, metavar="N")
     parser.add_argument("--pending", type=int, default=0, metavar="N", help="alarms due after tomorrow, first")
+    parser.add_argument("--reference", type=int, default=20_000, metavar="N", help="send_task calls to compare with")
     args = parser.parse_args()
     os.environ["BENCH_PUBLISH_AHEAD"] = str(args.publish_ahead)  # read by bench/settings.py, here and in beat
     os.environ["BENCH_MAX_IN_FLIGHT"] = str(args.max_in_flight)
@@ -67,7 +89,8 @@ def main() -> None:
     from celery_scheduller import Message
 
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    broker.flushdb()
+    reference = send_task_cost(args.reference)
+    broker.flushdb()  # the reference's tasks too
     if args.pending:
         from django.db import connection
 
@@ -117,7 +140,8 @@ def main() -> None:
         f"{args.pending:,} pending after tomorrow: "
         f"beat CPU {beat_cpu:.2f} s ({1000 * beat_cpu / count:.3f} ms/alarm), PostgreSQL CPU {pg1 - pg0:.2f} s "
         f"({1000 * (pg1 - pg0) / count:.3f} ms/alarm), {len(claims):,} claims of {claim_ms:.1f} ms on average, "
-        f"the last alarm out {last_late:.2f} s after its publish time"
+        f"the last alarm out {last_late:.2f} s after its publish time; Celery's send_task in batches of 10: "
+        f"{1000 * reference:.3f} ms/task, beat {beat_cpu / count / reference:.2f}× that"
     )
 
 
