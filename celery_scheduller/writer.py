@@ -9,8 +9,8 @@ Why a thread of its own:
   long as the worker process (its statements stay prepared).
 - The task thread hands the decision over and returns to Celery at once. The writer waits
   ``RESPONSE_BATCH_WAIT`` (50 ms) after a decision and stores it with those that came meanwhile
-  (``responses.store_many``: every ``OK`` in one statement on PostgreSQL without history): a busy worker
-  spends less than one round trip and one thread wake-up per task.
+  (``responses.store_many``: on PostgreSQL every ``Retry`` in one statement, and every ``OK`` in another
+  without history): a busy worker spends less than one round trip and one thread wake-up per task.
 
 What it changes: the response is stored up to ``RESPONSE_BATCH_WAIT`` after the task's ``task_postrun``
 (the attempt's deadline guards it as before), and ``alarm_responded`` / ``alarm_finished`` /
