@@ -357,8 +357,9 @@ def _claim_sql(limit: str) -> str:
     as a row comparison, which only that index serves, was not stopped at its end by PostgreSQL 15 but
     where the Scheduller's index entries ended, so a claim that found few rows due read on through all
     its later alarms and those in flight (140 ms a claim with 1,000,000 pending). Under statistics that
-    know of no pending row (a table emptied or filled since it was analysed) the planner may still sort
-    the due rows, until the next ANALYZE. With several names, the rows locked beyond the outer ``LIMIT``
+    know of no pending row (a table emptied or filled since it was analysed) the planner took any index led
+    by ``state`` and sorted the due rows; since migration 0003 only the (state, dispatch_at) one is, which
+    reads them in order too. With several names, the rows locked beyond the outer ``LIMIT``
     stay pending and are let go when the statement ends.
 
     The range starts at ``since`` (beat's floor, ``AlarmEngine``): every claimed row leaves an index
@@ -747,7 +748,7 @@ def prune(before: dt.datetime, limit: int) -> int:
     with transaction.atomic():
         found = list(
             Alarm.objects.filter(state__in=states.TRANSITIONS["prune"], finished_at__lt=before)
-            .order_by("state", "finished_at")
+            .order_by("finished_at")
             .values_list("pk", "message_id")[:limit]
         )
         if not found:

@@ -430,11 +430,11 @@ def test_a_claim_far_behind_reads_no_more_due_rows_than_it_takes():
     about ten rows per Scheduller, in due order, the earliest of all of them first. It read and sorted
     every due row when the Schedullers were one ``ANY(…)`` condition, costing more the further behind.
 
-    Under statistics taken before the rows were pending (as in a table that had just been emptied) the
-    planner may still take an index led by ``state`` and sort every due row: the claim is right, and
-    costs more until the table is analysed again (autovacuum does). A row comparison as the range
-    forced the (scheduller, state, dispatch_at) index, but PostgreSQL did not stop at the range's end
-    (``test_a_claim_reads_no_further_than_the_due_range``)."""
+    Also under statistics taken before the rows were pending (as in a table that had just been emptied):
+    while the timeout and pruning indexes were led by ``state`` the planner took one of them and sorted
+    every due row (27,000 here, 31 ms a claim against 0.5 ms) until the table was analysed again. A row
+    comparison as the range forced the (scheduller, state, dispatch_at) index, but PostgreSQL did not stop
+    at the range's end (``test_a_claim_reads_no_further_than_the_due_range``)."""
     fill(30_000, TestAlarms.name)
     table = Alarm._meta.db_table
     with connection.cursor() as cursor:
@@ -447,18 +447,16 @@ def test_a_claim_far_behind_reads_no_more_due_rows_than_it_takes():
     due = Alarm.objects.filter(state=states.PENDING, scheduller__in=names, dispatch_at__lte=now)
     assert due.count() > 20_000
     earliest = list(due.order_by("dispatch_at").values_list("message_id", flat=True)[:10])
-    with transaction.atomic():  # under the stale statistics, whatever the plan: the earliest ten
-        stale = [row["message_id"] for row in store.claim_due(names, now, 10)]
-        transaction.set_rollback(True)
-    assert stale == earliest
-    with connection.cursor() as cursor:
-        cursor.execute(f"ANALYZE {table}")
-    for sql, params in (
-        (store._CLAIM_SQL, store._claim_params(names, now, 10)),
-        (store._CLAIM_WITHIN_SQL, store._claim_within_params(names, now, 10, 1_000)),
-    ):
-        # ten per Scheduller from the index, then the ten claimed again by pk; the cap's count reads none
-        assert _rows_read_from_the_alarm_table(sql, params) <= 10 * len(names) + 10
+    for statistics in ("stale", "fresh"):
+        if statistics == "fresh":
+            with connection.cursor() as cursor:
+                cursor.execute(f"ANALYZE {table}")
+        for sql, params in (
+            (store._CLAIM_SQL, store._claim_params(names, now, 10)),
+            (store._CLAIM_WITHIN_SQL, store._claim_within_params(names, now, 10, 1_000)),
+        ):
+            # ten per Scheduller from the index, then the ten claimed again by pk; the cap's count reads none
+            assert _rows_read_from_the_alarm_table(sql, params) <= 10 * len(names) + 10, statistics
     rows = store.claim_due(names, now, 10)
     assert [row["message_id"] for row in rows] == earliest
     assert {row["scheduller"] for row in rows} == set(names)
