@@ -81,6 +81,20 @@ def test_prune_command_removes_history_older_than_the_limit_in_batches():
         call_command("scheduller_prune")
 
 
+def test_prune_takes_the_oldest_ended_alarms_first_whatever_their_state():
+    """A batch of the prune removes the alarms that ended longest ago; it took one state after another
+    (every cancelled one before any failed one) while its index was led by ``state``."""
+    alarms = TestAlarms()
+    now = timezone.now()
+    ended = {"failed-4d": (states.FAILED, 4), "cancelled-3d": (states.CANCELLED, 3), "failed-2d": (states.FAILED, 2)}
+    ended["cancelled-1d"] = (states.CANCELLED, 1)
+    for message_id, (state, days) in ended.items():
+        alarms.dispatch(Message.new("testapp.record", id=message_id), "agg", in_ms=60_000)
+        Alarm.objects.filter(message_id=message_id).update(state=state, finished_at=now - dt.timedelta(days=days))
+    assert store.prune(now - dt.timedelta(hours=12), 2) == 2
+    assert sorted(Alarm.objects.values_list("message_id", flat=True)) == ["cancelled-1d", "failed-2d"]
+
+
 def test_beat_prunes_kept_history(beat):
     alarms = TestAlarms()
     alarms.dispatch(Message.new("testapp.record", id="to-prune"), "agg", in_ms=60_000)
