@@ -408,29 +408,11 @@ class Bench:
 
     def background(self, system: str, run: str, count: int) -> tuple[int, str]:
         """Schedule ``count`` alarms due over the next days; returns how many and a note."""
-        start = time.time() + 3_600
-        dues = [start + n * (6 * 86_400 / max(1, count)) for n in range(count)]
+        start = time.time() + FAR_FROM
+        dues = [start + n * (FAR_SPREAD / max(1, count)) for n in range(count)]
         budget = self.args.background_budget
         if system == OURS:
-            from django.db import connection
-
-            # one INSERT … SELECT: filling a million rows through the API is measured by the steady run
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    """
-                    INSERT INTO celery_scheduller_alarm (message_id, scheduller, task_name, raw_request, assigns,
-                        correlation_id, causation_id, aggregate_id, dispatch_at, state, attempt, timeout_ms,
-                        created_at, updated_at)
-                    SELECT 'far-' || n, %s, 'bench.hit', jsonb_build_object('run', 'far', 'n', n, 'due', 0),
-                        jsonb_build_object('dispatch_at', jsonb_build_object('$datetime', to_char(
-                            to_timestamp(%s + n * %s) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS') || '+00:00')),
-                        'far-' || n, 'far-' || n, 'far-' || (n %% 1000), to_timestamp(%s + n * %s), 'pending', 0,
-                        5000, now(), now()
-                    FROM generate_series(0, %s - 1) AS n
-                    """,
-                    [SCHEDULLER, start, 6 * 86_400 / count, start, 6 * 86_400 / count, count],
-                )
-                cursor.execute("ANALYZE celery_scheduller_alarm")
+            fill_far(count, start)
             return count, ""
         if system == ETA:
             done = self._schedule_eta("far", dues, budget=budget)
@@ -736,6 +718,37 @@ def steady(rate: float, seconds: float) -> list[float]:
 
 def burst(count: int) -> list[float]:
     return [n / count for n in range(count)]
+
+
+#: The ``pending`` workload's background alarms: due over FAR_SPREAD seconds from FAR_FROM seconds on.
+FAR_FROM = 3_600
+FAR_SPREAD = 6 * 86_400
+
+
+def fill_far(count: int, start: float | None = None) -> None:
+    """Store ``count`` pending alarms of ours due evenly over FAR_SPREAD seconds from ``start`` (epoch;
+    default FAR_FROM seconds from now), in one INSERT … SELECT: filling a million rows through the API is
+    measured by the steady run. Then ANALYZE, so the claim is planned knowing them."""
+    from django.db import connection
+
+    start = time.time() + FAR_FROM if start is None else start
+    step = FAR_SPREAD / max(1, count)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO celery_scheduller_alarm (message_id, scheduller, task_name, raw_request, assigns,
+                correlation_id, causation_id, aggregate_id, dispatch_at, state, attempt, timeout_ms,
+                created_at, updated_at)
+            SELECT 'far-' || n, %s, 'bench.hit', jsonb_build_object('run', 'far', 'n', n, 'due', 0),
+                jsonb_build_object('dispatch_at', jsonb_build_object('$datetime', to_char(
+                    to_timestamp(%s + n * %s) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS') || '+00:00')),
+                'far-' || n, 'far-' || n, 'far-' || (n %% 1000), to_timestamp(%s + n * %s), 'pending', 0,
+                5000, now(), now()
+            FROM generate_series(0, %s - 1) AS n
+            """,
+            [SCHEDULLER, start, step, start, step, count],
+        )
+        cursor.execute("ANALYZE celery_scheduller_alarm")
 
 
 def prepare_database() -> None:

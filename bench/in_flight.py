@@ -8,8 +8,8 @@ MAX_IN_FLIGHT the README asks for then is above that. ``--rate`` alarms a second
 are stored first; one beat publishes them ``--publish-ahead`` ms before their time to a queue no worker
 reads, so nothing is answered and the count in flight only grows. Prints beat's CPU, the CPU of every
 PostgreSQL process (the server does the counting), beat's claims and how late the last alarm went out
-against its publish time (due − lead). ``--pending N`` first stores N more alarms due over the six days
-after tomorrow, as compare.py's ``pending`` workload does: rows each claim must not read.
+against its publish time (due − lead). ``--pending N`` first stores N more alarms due over six days from
+an hour on (``compare.fill_far``, as compare.py's ``pending`` workload does): rows each claim must not read.
 
 Before beat starts, the same process publishes ``--reference`` tasks (default 20,000) with Celery's own
 ``app.send_task`` in ``producer.batch`` blocks of 10 on one producer, to a queue of their own: what a
@@ -79,12 +79,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--publish-ahead", type=int, default=60_000, metavar="MS")
     parser.add_argument("--max-in-flight", type=int, default=110_000, metavar="N")
-    parser.add_argument("--pending", type=int, default=0, metavar="N", help="alarms due after tomorrow, first")
+    parser.add_argument("--pending", type=int, default=0, metavar="N", help="alarms due later, stored first")
     parser.add_argument("--reference", type=int, default=20_000, metavar="N", help="send_task calls to compare with")
     args = parser.parse_args()
     os.environ["BENCH_PUBLISH_AHEAD"] = str(args.publish_ahead)  # read by bench/settings.py, here and in beat
     os.environ["BENCH_MAX_IN_FLIGHT"] = str(args.max_in_flight)
-    from bench.compare import prepare_database
+    from bench.compare import fill_far, prepare_database
 
     prepare_database()
     import psutil
@@ -99,18 +99,7 @@ def main() -> None:
     reference = send_task_cost(args.reference)
     broker.flushdb()  # the reference's tasks too
     if args.pending:
-        from django.db import connection
-
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "INSERT INTO celery_scheduller_alarm (message_id, scheduller, task_name, raw_request, assigns, "
-                "correlation_id, causation_id, aggregate_id, dispatch_at, state, attempt, timeout_ms, created_at, "
-                "updated_at) SELECT 'far-' || n, %s, 'bench.hit', '{}', '{}', '', '', 'far', "
-                "now() + interval '1 day' + n * %s * interval '1 second', 'pending', 0, 30000, now(), now() "
-                "FROM generate_series(1, %s) AS n",
-                [BenchAlarms.name, 6 * 86_400 / args.pending, args.pending],
-            )
-            cursor.execute("ANALYZE celery_scheduller_alarm")
+        fill_far(args.pending)
     count = args.rate * args.seconds
     lead = args.publish_ahead / 1000
     first_due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lead + 5)
@@ -156,7 +145,7 @@ def main() -> None:
     last_late = (done_at - (last_due - dt.timedelta(seconds=lead))).total_seconds()
     print(
         f"{count:,} alarms at {args.rate}/s, published {args.publish_ahead} ms ahead, cap {args.max_in_flight:,}, "
-        f"{args.pending:,} pending after tomorrow: "
+        f"{args.pending:,} pending from an hour on: "
         f"beat CPU {beat_cpu:.2f} s ({1000 * beat_cpu / count:.3f} ms/alarm), PostgreSQL CPU {pg1 - pg0:.2f} s "
         f"({1000 * (pg1 - pg0) / count:.3f} ms/alarm), {len(claims):,} claims of {claim_ms:.1f} ms on average, "
         f"the last alarm out {last_late:.2f} s after its publish time, beat's longest pause between publishes "
