@@ -389,22 +389,23 @@ def test_the_claim_and_the_answer_look_their_rows_up_by_pk_whatever_the_statisti
     assert Alarm.objects.filter(state=states.PUBLISHED).count() == 200
 
 
-def _rows_read_from_the_alarm_table(sql: str, params: list) -> int:
-    """Rows the alarm table's scans returned when PostgreSQL ran ``sql`` (rolled back)."""
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)
-        (plan,) = cursor.fetchone()
-        transaction.set_rollback(True)
-    return sum(node["Actual Rows"] * node["Actual Loops"] for node in _alarm_table_scan_nodes(plan))
-
-
-def _blocks_read_from_the_alarm_table(sql: str, params: list) -> int:
-    """Pages the alarm table's scans read (cached or not) when PostgreSQL ran ``sql`` (rolled back)."""
+def _alarm_table_scans_run(sql: str, params: list) -> list[dict]:
+    """The scans of the alarm table, with what they read, when PostgreSQL ran ``sql`` (rolled back)."""
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", params)
         (plan,) = cursor.fetchone()
         transaction.set_rollback(True)
-    return sum(node["Shared Hit Blocks"] + node["Shared Read Blocks"] for node in _alarm_table_scan_nodes(plan))
+    return _alarm_table_scan_nodes(plan)
+
+
+def _rows_read_from_the_alarm_table(sql: str, params: list) -> int:
+    """Rows the alarm table's scans returned when PostgreSQL ran ``sql`` (rolled back)."""
+    return sum(node["Actual Rows"] * node["Actual Loops"] for node in _alarm_table_scans_run(sql, params))
+
+
+def _blocks_read_from_the_alarm_table(sql: str, params: list) -> int:
+    """Pages the alarm table's scans read (cached or not) when PostgreSQL ran ``sql`` (rolled back)."""
+    return sum(node["Shared Hit Blocks"] + node["Shared Read Blocks"] for node in _alarm_table_scans_run(sql, params))
 
 
 @postgres_only
@@ -468,7 +469,7 @@ def test_a_claim_far_behind_reads_no_more_due_rows_than_it_takes():
 def test_beat_answers_a_batch_of_timeouts_in_three_statements():
     """Every worker gone: beat leases the attempts whose deadline passed and stores what
     ``service_responded`` decided for all of them at once on PostgreSQL, not one statement (and one
-    commit) each: 540 timeouts a second before, 2,330 after (``python bench/timeouts.py``)."""
+    commit) each: 531–561 timeouts a second before, 2,330–3,489 after (``python bench/timeouts.py``)."""
     from celery_scheduller.engine import AlarmEngine
     from tests.celery_app import app
 
