@@ -218,13 +218,14 @@ class AlarmEngine:
         polling = now >= self.next_poll_at
         more = False
         # a full batch last time means more is due now: claim again without waiting for the poll;
-        # held back by MAX_IN_FLIGHT, look again after a short pause
+        # held back by MAX_IN_FLIGHT, look again after a short pause, not as held alarms come due (the
+        # claim after the pause takes them: each look counts every attempt in flight)
         waited = self._throttled and now >= self._claimed_at + THROTTLE_PAUSE
         earliest = self.heap.next_due()  # of what pops now, if anything does
         popped = bool(self.heap.pop_due(now + ahead))
         if popped and earliest is not None:
             self._lower_floor(to_datetime(earliest))
-        if popped or polling or self._backlog or waited:
+        if (popped and not self._throttled) or polling or self._backlog or waited:
             more = self._backlog = self._publish_due(names, to_datetime(now), producer, ahead, polling)
             self._claimed_at = now
         if polling:
@@ -239,8 +240,7 @@ class AlarmEngine:
         return next_wakeup(
             now,
             now + LISTEN_INTERVAL if self.listener.available else None,
-            self._next_claim(ahead),
-            self._claimed_at + THROTTLE_PAUSE if self._throttled else None,
+            self._claimed_at + THROTTLE_PAUSE if self._throttled else self._next_claim(ahead),
             self.next_poll_at,
             self.next_record_at,
             self.next_prune_at,
