@@ -62,6 +62,8 @@ os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
 
 OURS, ETA, DCB, PLAIN = "celery_scheduller", "Celery ETA", "django-celery-beat", "plain apply_async"
 SCHEDULLER = "bench"
+#: rolling: seconds between the client's bulk calls
+ROLLING_TICK = 0.02
 
 
 @dataclasses.dataclass
@@ -354,20 +356,22 @@ class Bench:
             )
 
     def _schedule_rolling(self, system: str, run: str, dues: list[float], ahead: float) -> None:
-        """Schedule each alarm ``ahead`` seconds before it is due, every 20 ms those whose time came."""
+        """Schedule each alarm ``ahead`` seconds before it is due, every 20 ms those whose time came (at
+        once again when a call took longer)."""
         first = 0
+        tick = time.monotonic()
         while first < len(dues):
             ready = bisect.bisect_right(dues, time.time() + ahead, lo=first)
-            if ready == first:
-                time.sleep(0.02)
-                continue
-            if system == OURS:
-                self._schedule_ours(run, dues[first:ready], first)
-            elif system == ETA:
-                self._schedule_eta(run, dues[first:ready], first)
-            else:
-                self._schedule_dcb(run, dues[first:ready], first)
-            first = ready
+            if ready > first:
+                if system == OURS:
+                    self._schedule_ours(run, dues[first:ready], first)
+                elif system == ETA:
+                    self._schedule_eta(run, dues[first:ready], first)
+                else:
+                    self._schedule_dcb(run, dues[first:ready], first)
+                first = ready
+            tick = max(tick + ROLLING_TICK, time.monotonic())
+            time.sleep(max(0.0, tick - time.monotonic()))
 
     def _schedule_eta(self, run: str, dues: list[float], first: int = 0, budget: float | None = None) -> int:
         from bench.celery_app import app
