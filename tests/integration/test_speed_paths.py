@@ -252,25 +252,25 @@ def test_held_back_by_the_cap_beat_looks_again_after_its_pause_not_as_held_alarm
     held back wait for the look after the pause, which takes them all."""
     from celery_scheduller import engine
 
-    monkeypatch.setattr(engine, "THROTTLE_PAUSE", 1.0)
+    monkeypatch.setattr(engine, "THROTTLE_PAUSE", 2.0)
     settings.CELERY_SCHEDULLER_MAX_IN_FLIGHT = 4
     settings.CELERY_SCHEDULLER_POLL_INTERVAL = 60_000
     _stale_due("capfull", 4)
     TestAlarms().dispatch_many(
-        [(Message.new("testapp.stale", id=f"capheld-{n}"), "agg", _seconds_ago(-0.2 - n * 0.05)) for n in range(3)]
+        [(Message.new("testapp.stale", id=f"capheld-{n}"), "agg", _seconds_ago(-0.5 - n * 0.05)) for n in range(3)]
     )
     scheduler = beat()
     scheduler.tick_alarms(time.time())  # the cap's 4 go out: held back from here
     assert _in_flight("capfull") == 4 and "capheld-2" in scheduler.alarm_engine.heap
     counts = _counting_claims(monkeypatch)
-    looked_until = time.time() + 0.6  # the held three come due meanwhile, the pause not over
+    looked_until = time.time() + 0.9  # the held three come due meanwhile, the pause not over
     while time.time() < looked_until:
         scheduler.tick_alarms(time.time())
         time.sleep(0.02)
     assert counts == [] and _in_flight("capheld") == 0
     for row in Alarm.objects.filter(message_id__startswith="capfull").values(*store.ROW_FIELDS)[:3]:
         respond(store.AttemptRef.of_row(row), store.message_from_row(row), Response("ok"), dt.datetime.now(dt.UTC))
-    time.sleep(max(0.0, scheduler.alarm_engine._claimed_at + 1.0 - time.time()) + 0.01)
+    time.sleep(max(0.0, scheduler.alarm_engine._claimed_at + 2.0 - time.time()) + 0.01)
     scheduler.tick_alarms(time.time())
     assert counts == [3] and _in_flight("capheld") == 3
 
