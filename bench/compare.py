@@ -452,6 +452,8 @@ class Bench:
             label += f", -c {self.args.concurrency}"
         if system == OURS and self.args.publish_ahead:
             label += f", published {self.args.publish_ahead} ms ahead"
+        if system == OURS and self.args.no_ack_emulation:
+            label += ", Redis ack emulation off"
         print(f"· {workload}: {label}, {len(dues):,} alarms", flush=True)
         self.reset()
         result = Result(workload, label, len(dues))
@@ -463,6 +465,8 @@ class Bench:
         # with --workers, each waits for a ping of its own, which any of the started ones may run;
         # the other systems' workers are Celery's own (PUBLISH_AHEAD adds prefetch.PromptPrefetch)
         stock = None if system == OURS else {"BENCH_PUBLISH_AHEAD": "0"}
+        if system == OURS and self.args.no_ack_emulation:
+            stock = {"BENCH_ACK_EMULATION": "off"}
         workers = [
             self.worker(f"{run}w{index}" if index else run, startup=300 if pending else 60, env=stock)
             for index in range(self.args.workers)
@@ -842,6 +846,13 @@ def main() -> None:
         default=1_000,
         metavar="N",
         help="celery_scheduller's MAX_IN_FLIGHT in the capped rows (default 1,000, the package's default)",
+    )
+    parser.add_argument(
+        "--no-ack-emulation",
+        action="store_true",
+        help="celery_scheduller's workers run with kombu's Redis ack emulation off (broker_transport_options "
+        "ack_emulation=False), as the README advises for Redis workers that serve only alarms; the other "
+        "systems' workers keep it (a task they hold for its eta would be lost with a killed worker)",
     )
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument(

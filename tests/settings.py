@@ -107,6 +107,9 @@ CELERY_SCHEDULLER_CLASSES = [
 CELERY_SCHEDULLER_POLL_INTERVAL = 200
 CELERY_SCHEDULLER_ERROR_BACKOFF = 500
 CELERY_SCHEDULLER_PUBLISH_AHEAD = int(os.environ.get("CSCHED_PUBLISH_AHEAD", "0"))  # the fault suite's "-ahead"
+# the fault suite's "-no-ack-emulation": kombu's Redis transport keeps no copy of delivered messages
+if os.environ.get("CSCHED_ACK_EMULATION") == "off":
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"ack_emulation": False}
 # Ended alarms are kept as history (the admin and status tests read it); "0" runs the seed's default.
 CELERY_SCHEDULLER_KEEP_FINISHED = int(os.environ.get("CSCHED_KEEP_FINISHED", "3600")) or None
 
