@@ -1,6 +1,7 @@
 """A worker of a project that publishes ahead takes tasks held for their ``eta`` in as they arrive
 (``prefetch.PromptPrefetch``), on RabbitMQ, where Celery's own worker takes them in a window at a time
-with pauses of seconds between."""
+with pauses of seconds between; and frees each when it has run (``prefetch.ReleaseTimerEntries``), where
+Celery's own worker leaves it to the garbage collector's full pass."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tests.conftest import start_worker, wait_for
 
 RABBITMQ = os.environ.get("CSCHED_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672//")
 TASKS = 400
+HELD = 50
 
 
 def _waiting(conn: Connection, queue: str) -> int:
@@ -57,3 +59,43 @@ def test_a_worker_takes_in_tasks_held_for_their_eta_as_fast_as_they_arrive(
         # Celery's worker alone: the window, then about one more window per timer wait. If this fails, Celery
         # applies raised prefetch counts promptly itself and prefetch.PromptPrefetch can go.
         assert left > TASKS // 2, f"Celery's own worker took in {TASKS - left} of {TASKS} tasks within {took:.1f} s"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("publish_ahead", [1_000, 0], ids=["ahead", "celery"])
+def test_a_task_held_for_its_eta_is_freed_when_it_has_run_not_by_the_garbage_collector(
+    tmp_path: Path, publish_ahead: int
+) -> None:
+    from celery.worker.request import Request
+
+    from tests.celery_app import app
+    from tests.testapp.models import Run
+
+    queue = f"csched-freed-{os.getpid()}-{publish_ahead}"
+    # a prefetch window that holds them all: Celery's own worker takes them in at once on RabbitMQ too
+    worker = start_worker(
+        tmp_path / "worker.log",
+        *("-P", "threads", "-c", "1", "--prefetch-multiplier", str(2 * HELD)),
+        *("-Q", queue, "-n", f"csched-freed-{publish_ahead}@%h"),
+        env={"CSCHED_PUBLISH_AHEAD": str(publish_ahead), "CSCHED_TRACK_REQUESTS": "1"},
+    )
+    try:
+        eta = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+        for n in range(HELD):
+            app.send_task("testapp.record", kwargs={"n": n}, eta=eta, queue=queue)
+        wait_for(lambda: Run.objects.filter(task="record").count() == HELD, 30, f"the {HELD} held tasks run")
+        app.send_task("testapp.census", queue=queue)
+        census = wait_for(lambda: Run.objects.filter(task="census").first(), 30, "the census").kwargs  # type: ignore[attr-defined]
+    finally:
+        worker.terminate()
+        worker.wait()
+
+    if publish_ahead:
+        # The last request can still be referenced by the worker when the census runs.
+        assert census["collector"] == 0 and census["refcount"] >= HELD - 1, census
+    elif hasattr(Request, "_eta_timer_entry"):
+        # Celery's own worker (5.7 on): every held request in a cycle with its timer entry. If this fails,
+        # Celery no longer makes the cycle and prefetch.ReleaseTimerEntries can go.
+        assert census["collector"] >= HELD - 1 and census["refcount"] <= 1, census
+    else:
+        assert census["collector"] == 0, census  # Celery 5.5 keeps no timer entry on the request

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
+import weakref
 from typing import Any
 
-from celery import shared_task
+from celery import shared_task, signals
 from django.utils import timezone
 
 from celery_scheduller import current_message
@@ -98,3 +100,36 @@ def die(**kwargs: Any) -> None:
 
     _record("die", kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+# How a worker frees the requests of tasks held for their eta (tests/integration/test_prefetch.py): each
+# is counted, when it is freed, as freed by reference counting or by the garbage collector's pass over
+# cycles; "census" runs a full pass first, so every held request that has been dropped is counted.
+_freed = {"refcount": 0, "collector": 0}
+_collecting = False
+
+
+def _on_gc(phase: str, _info: dict[str, Any]) -> None:
+    global _collecting
+    _collecting = phase == "start"
+
+
+def _track(request: Any = None, **_: Any) -> None:
+    if request is not None and request.eta:
+        weakref.finalize(request, _count_freed)
+
+
+def _count_freed() -> None:
+    _freed["collector" if _collecting else "refcount"] += 1
+
+
+if os.environ.get("CSCHED_TRACK_REQUESTS"):
+    gc.callbacks.append(_on_gc)
+    signals.task_received.connect(_track, weak=False, dispatch_uid="testapp.track_requests")
+
+
+@shared_task(name="testapp.census")
+def census() -> None:
+    """Record how the held requests this worker process has dropped so far were freed."""
+    gc.collect()
+    Run.objects.create(task="census", kwargs=dict(_freed), started_at=timezone.now())
