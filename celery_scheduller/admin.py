@@ -38,6 +38,9 @@ else:  # ModelAdmin is generic only in the type stubs
 COUNT_CAP = 10_000
 #: How many alarms an action on "all matching the filter" reads per query.
 ACTION_BATCH = 1_000
+#: The most alarms one admin action changes, inside one HTTP request; a larger selection is refused with a
+#: message saying how to narrow it (or to use the API from a shell or a task for bulk changes).
+ACTION_LIMIT = 5_000
 
 
 class CappedPaginator(Paginator):  # type: ignore[type-arg]
@@ -160,6 +163,22 @@ class AlarmAdmin(_AlarmAdminBase):
             return queryset, False
         return queryset.filter(Q(message_id=term) | Q(aggregate_id=term) | Q(correlation_id=term)), False
 
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        """Drop date drill-down parameters that name no valid period (a hand-edited URL): a part without
+        the parts above it, a month 13, a year past 9999. Django's own parsing would fail on some of them."""
+        from .templatetags.csched_admin import FIELD, period
+
+        names = [f"{FIELD}__{part}" for part in ("year", "month", "day")]
+        if any(name in request.GET for name in names):
+            valid = dict(zip(names, period(request.GET), strict=True))
+            query = request.GET.copy()
+            for name in names:
+                query.pop(name, None)
+                if valid[name]:
+                    query[name] = valid[name]
+            request.GET = query
+        return super().changelist_view(request, extra_context)
+
     def get_readonly_fields(self, request: HttpRequest, obj: Alarm | None = None) -> list[str]:
         return [str(name) for _, options in self.fieldsets for name in options["fields"]]
 
@@ -229,7 +248,14 @@ class AlarmAdmin(_AlarmAdminBase):
 
     @admin.action(description="Cancel selected alarms", permissions=["change"])
     def cancel(self, request: HttpRequest, queryset: QuerySet[Alarm]) -> None:
-        self._apply(request, queryset, "cancelled", lambda s, m: s.cancel(m), "not on the schedule")
+        self._apply(
+            request,
+            queryset,
+            "cancelled",
+            lambda s, m: s.cancel(m),
+            "not on the schedule",
+            bulk=lambda s, ids: len(s._cancel(None, message_ids=ids)),  # one statement per batch
+        )
 
     @admin.action(description="Retry selected ended alarms (finished, failed, cancelled)", permissions=["change"])
     def restart(self, request: HttpRequest, queryset: QuerySet[Alarm]) -> None:
@@ -277,17 +303,37 @@ class AlarmAdmin(_AlarmAdminBase):
         done: str,
         act: Callable[[Scheduller, str], bool],
         skipped_because: str,
+        bulk: Callable[[Scheduller, list[str]], int] | None = None,
     ) -> None:
+        if _too_many(queryset):
+            self.message_user(
+                request,
+                f"More than {ACTION_LIMIT:,} alarms are selected: nothing was changed. An admin action changes at "
+                f"most {ACTION_LIMIT:,} within one request; narrow the selection with the filters (a Scheduller, "
+                "a state, a date), or call the Scheduller API (cancel_aggregate, reschedule…) from a shell or a task.",
+                messages.ERROR,
+            )
+            return
         changed = skipped = 0
         errors: list[str] = []
-        for name, message_id in _selected(queryset):
-            try:
-                ok = act(registry.get(name), message_id)
-            except SchedullerError as exc:
-                errors.append(f"{message_id}: {exc}")
+        for name, message_ids in _selected(queryset):
+            if bulk is not None:
+                try:
+                    done_here = bulk(registry.get(name), message_ids)
+                except SchedullerError as exc:
+                    errors.append(f"{len(message_ids)} alarm(s) of {name}: {exc}")
+                    continue
+                changed += done_here
+                skipped += len(message_ids) - done_here
                 continue
-            changed += ok
-            skipped += not ok
+            for message_id in message_ids:
+                try:
+                    ok = act(registry.get(name), message_id)
+                except SchedullerError as exc:
+                    errors.append(f"{message_id}: {exc}")
+                    continue
+                changed += ok
+                skipped += not ok
         self.message_user(request, f"{changed} alarm(s) {done}.", messages.SUCCESS)
         if skipped:
             self.message_user(request, f"{skipped} alarm(s) skipped: {skipped_because}.", messages.WARNING)
@@ -295,8 +341,13 @@ class AlarmAdmin(_AlarmAdminBase):
             self.message_user(request, error, messages.ERROR)
 
 
-def _selected(queryset: QuerySet[Alarm]) -> Iterator[tuple[str, str]]:
-    """(Scheduller, message id) of every selected alarm, read in batches by primary key."""
+def _too_many(queryset: QuerySet[Alarm]) -> bool:
+    """More than ACTION_LIMIT alarms selected, counted no further than that."""
+    return queryset.order_by().values("pk")[: ACTION_LIMIT + 1].count() > ACTION_LIMIT
+
+
+def _selected(queryset: QuerySet[Alarm]) -> Iterator[tuple[str, list[str]]]:
+    """(Scheduller, message ids) of the selected alarms, read in batches by primary key."""
     last = 0
     while True:
         batch = list(
@@ -304,9 +355,11 @@ def _selected(queryset: QuerySet[Alarm]) -> Iterator[tuple[str, str]]:
         )
         if not batch:
             return
-        for pk, name, message_id in batch:
-            last = pk
-            yield name, message_id
+        last = batch[-1][0]
+        by_name: dict[str, list[str]] = {}
+        for _pk, name, message_id in batch:
+            by_name.setdefault(name, []).append(message_id)
+        yield from by_name.items()
 
 
 @admin.register(AlarmAttempt)

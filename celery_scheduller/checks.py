@@ -15,29 +15,53 @@ from .conf import PREFIX, settings
 @register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """Serializer, Scheduller classes, time zone and the package's own settings."""
-    return [*_check_serializers(), *_check_classes(), *_check_timezone(), *_check_values()]
+    return [*_check_serializers(), *_check_classes(), *_check_timezone(), *_check_values(), *_check_broker()]
+
+
+def _check_broker() -> list[CheckMessage]:
+    """RabbitMQ carries a delivery's header (ids and assigns) in one frame: MAX_PAYLOAD should fit in it."""
+    from .wire import configured_header_limit
+
+    fits = configured_header_limit(_celery_conf())
+    if fits is None:
+        return []
+    try:
+        payload = settings.integer("MAX_PAYLOAD")
+    except Exception:
+        return []  # reported by E005
+    if payload <= fits:
+        return []
+    return [
+        CheckWarning(
+            f"{PREFIX}MAX_PAYLOAD ({payload:,} bytes) is more than RabbitMQ's frame_max leaves for a "
+            f"delivery's header ({fits:,} bytes).",
+            hint=f"Alarms whose assigns and ids exceed {fits:,} bytes as JSON are refused at dispatch on this "
+            f"broker. Set {PREFIX}MAX_PAYLOAD = {fits} to say so, or raise frame_max on the server and in "
+            "CELERY_BROKER_TRANSPORT_OPTIONS; beat logs the frame_max it negotiated at start.",
+            id="celery_scheduller.W002",
+        )
+    ]
 
 
 def _check_values() -> list[CheckMessage]:
-    from .exceptions import ConfigurationError
+    return [Error(problem, id="celery_scheduller.E005") for problem in settings.problems()]
 
-    errors: list[CheckMessage] = []
-    for check in (settings.keep_finished, settings.max_in_flight, settings.response_batch_wait, settings.publish_ahead):
-        try:
-            check()
-        except ConfigurationError as exc:
-            errors.append(Error(str(exc), id="celery_scheduller.E005"))
-    return errors
+
+def _celery_conf() -> Any:
+    """The Celery app's effective configuration: what ``app.conf`` holds after the project's
+    ``config_from_object``, plus whatever was set on the app in code (``app.conf.accept_content = …``)."""
+    from celery import current_app
+
+    return current_app.conf
 
 
 def _check_serializers() -> list[CheckMessage]:
-    from celery import current_app
-
-    conf = current_app.conf
+    conf = _celery_conf()
     found: dict[str, Any] = {
-        "task_serializer": getattr(django_settings, "CELERY_TASK_SERIALIZER", None) or conf.task_serializer,
-        "accept_content": getattr(django_settings, "CELERY_ACCEPT_CONTENT", None) or conf.accept_content,
-        "result_serializer": getattr(django_settings, "CELERY_RESULT_SERIALIZER", None) or conf.result_serializer,
+        "task_serializer": conf.task_serializer,
+        "accept_content": conf.accept_content,
+        "result_serializer": conf.result_serializer,
+        "result_accept_content": conf.result_accept_content,
     }
     errors: list[CheckMessage] = []
     for name, value in found.items():

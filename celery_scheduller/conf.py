@@ -1,11 +1,20 @@
-"""Settings, read lazily from Django's settings with the ``CELERY_SCHEDULLER_`` prefix."""
+"""Settings: each ``CELERY_SCHEDULLER_<NAME>`` with its default, unit and bounds, validated where it is read.
+
+``settings.get(name)`` returns a setting checked against its spec (a ``ConfigurationError`` in the
+setting's own unit otherwise); the system check ``celery_scheduller.E005`` runs every spec at start-up,
+so a bad value stops ``manage.py``, beat and workers before any alarm is touched. The settings reference
+in the docs is generated from ``SPECS``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
 from django.conf import settings as django_settings
+
+from .exceptions import ConfigurationError
 
 PREFIX = "CELERY_SCHEDULLER_"
 
@@ -14,109 +23,193 @@ PREFIX = "CELERY_SCHEDULLER_"
 #: the Redis transport's visibility timeout (an hour), after which it would be delivered again.
 MAX_PUBLISH_AHEAD = 60_000
 
-DEFAULTS: dict[str, Any] = {
-    # Dotted paths of every Scheduller class that beat and workers serve.
-    "CLASSES": [],
-    # How often (ms) beat looks for alarms it did not load itself: late arrivals inside its window,
-    # retries written by workers, attempts whose response is overdue.
-    "POLL_INTERVAL": 500,
-    # How many alarms one claim (one guarded UPDATE) takes at most.
-    "BATCH_SIZE": 500,
-    # Most published attempts awaiting their answer, across all beats (None: no limit). Beyond it beat
-    # leaves due alarms pending in the database instead of queueing more than the workers can run
-    # before the attempts' deadlines pass.
-    "MAX_IN_FLIGHT": 1_000,
-    # How long (ms) before its due time beat publishes an alarm, as a Celery task with ``eta`` at that
-    # time: the worker takes it in ahead and starts it on time (0: published when due). Within this
-    # much of its time an alarm is published: ``reschedule`` no longer moves it, ``cancel`` revokes it.
-    "PUBLISH_AHEAD": 0,
-    # After ``service_responded`` raised or returned garbage, the alarm is tried again this much later (ms).
-    "ERROR_BACKOFF": 10_000,
-    # While a beat handles a timed-out attempt it holds it this long (ms); if that beat dies meanwhile,
-    # another one takes the attempt over after it.
-    "TIMEOUT_LEASE": 15_000,
-    # An alarm published more than this (ms) after its time carries ``assigns["late"] = True``.
-    "LATE_AFTER": 1_000,
-    # Ended alarms (finished, failed, cancelled): None removes them at once (the seed's behaviour);
-    # seconds (or a timedelta) keeps them, with their attempt history, that long as history.
-    "KEEP_FINISHED": None,
-    # How many ended alarms one prune statement removes; beat prunes every PRUNE_INTERVAL ms.
-    "PRUNE_BATCH": 1_000,
-    "PRUNE_INTERVAL": 60_000,
-    # Largest message (raw_request, assigns and ids as JSON, in bytes) that dispatch accepts.
-    "MAX_PAYLOAD": 256 * 1024,
-    # How often (ms) a beat records its windows and counters for ``scheduller_status``.
-    "BEAT_RECORD_INTERVAL": 10_000,
-    # How long (ms) a worker's response writer waits after a task's response for more to store with it
-    # (0: store each at once). Longer batches cost the worker less per task; responses land that much later.
-    "RESPONSE_BATCH_WAIT": 50,
-}
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Spec:
+    """One setting: its default, the unit its value is in, its bounds, and what it does."""
+
+    name: str
+    default: Any
+    unit: str  # "ms", "alarms", "bytes", "failures", "seconds" or "" (not a number)
+    doc: str
+    minimum: int = 1
+    maximum: int | None = None
+    none_allowed: bool = False
+
+    def check(self, value: Any) -> Any:
+        """``value`` if it fits this spec; ``ConfigurationError`` naming the setting and its unit."""
+        if value is None and self.none_allowed:
+            return None
+        if self.unit == "":
+            return value
+        if self.name == "KEEP_FINISHED" and isinstance(value, dt.timedelta):
+            if value < dt.timedelta(0):
+                raise ConfigurationError(f"{PREFIX}{self.name} must not be negative, got {value!r}")
+            return value
+        number_ok = not isinstance(value, bool) and isinstance(value, (int, float) if self.unit == "seconds" else int)
+        if not number_ok or value < self.minimum or (self.maximum is not None and value > self.maximum):
+            bounds = f"from {self.minimum:,}" + (f" to {self.maximum:,}" if self.maximum is not None else " up")
+            kind = "a number" if self.unit == "seconds" else "an integer"
+            also = " or None" if self.none_allowed else ""
+            also += " or a timedelta" if self.name == "KEEP_FINISHED" else ""
+            raise ConfigurationError(f"{PREFIX}{self.name} must be {kind} of {self.unit} {bounds}{also}, got {value!r}")
+        return value
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("CLASSES", [], "", "Dotted paths of every Scheduller class that beat and workers serve."),
+    Spec(
+        "POLL_INTERVAL",
+        500,
+        "ms",
+        "How often beat looks for alarms it did not load itself: late arrivals inside its window, retries "
+        "written by workers, attempts whose response is overdue.",
+    ),
+    Spec("BATCH_SIZE", 500, "alarms", "How many alarms one claim (one guarded UPDATE) takes at most.", maximum=100_000),
+    Spec(
+        "MAX_IN_FLIGHT",
+        1_000,
+        "alarms",
+        "Most published attempts awaiting their answer, across all beats (None: no limit). Beyond it beat leaves "
+        "due alarms pending instead of queueing more than the workers can run before their deadlines pass.",
+        none_allowed=True,
+    ),
+    Spec(
+        "PUBLISH_AHEAD",
+        0,
+        "ms",
+        "How long before its due time beat publishes an alarm, as a Celery task with ``eta`` at that time "
+        "(0: when due). Within this much of its time an alarm is published: ``reschedule`` no longer moves it, "
+        "``cancel`` revokes it.",
+        minimum=0,
+        maximum=MAX_PUBLISH_AHEAD,
+    ),
+    Spec(
+        "ERROR_BACKOFF",
+        10_000,
+        "ms",
+        "After ``service_responded`` raised, returned something else than OK or a valid Retry, or overran "
+        "CALLBACK_BUDGET, the alarm is tried again this much later, doubled for each further failure in a row "
+        "up to ERROR_BACKOFF_MAX, less a random part of up to a half.",
+    ),
+    Spec("ERROR_BACKOFF_MAX", 600_000, "ms", "The longest error back-off."),
+    Spec(
+        "CALLBACK_MAX_FAILURES",
+        10,
+        "failures",
+        "After this many ``service_responded`` failures in a row the alarm is failed, with the last error.",
+    ),
+    Spec(
+        "CALLBACK_BUDGET",
+        5_000,
+        "ms",
+        "How long beat lets ``service_responded`` run for a timed-out attempt; past it the call counts as a "
+        "failure. Must be less than TIMEOUT_LEASE.",
+    ),
+    Spec(
+        "TIMEOUT_LEASE",
+        15_000,
+        "ms",
+        "While a beat answers a timed-out attempt it holds it this long; if that beat dies meanwhile, another "
+        "one takes the attempt over after it.",
+    ),
+    Spec("LATE_AFTER", 1_000, "ms", 'An alarm published more than this after its time carries ``assigns["late"]``.', 0),
+    Spec(
+        "KEEP_FINISHED",
+        None,
+        "seconds",
+        "Ended alarms (finished, failed, cancelled): None removes them at once (the seed's behaviour); "
+        "seconds (or a timedelta) keeps them, with their attempt history, that long.",
+        minimum=0,
+        none_allowed=True,
+    ),
+    Spec("PRUNE_BATCH", 1_000, "alarms", "How many ended alarms one prune statement removes."),
+    Spec("PRUNE_INTERVAL", 60_000, "ms", "How often beat prunes ended alarms older than KEEP_FINISHED."),
+    Spec(
+        "MAX_PAYLOAD",
+        256 * 1024,
+        "bytes",
+        "Largest message (raw_request, assigns and ids as JSON) that dispatch and a Retry accept.",
+    ),
+    Spec("BEAT_RECORD_INTERVAL", 10_000, "ms", "How often a beat records its windows and counters for the status."),
+    Spec(
+        "RESPONSE_BATCH_WAIT",
+        50,
+        "ms",
+        "How long a worker's response writer waits after a task's response for more to store with it "
+        "(0: store each at once).",
+        minimum=0,
+    ),
+)
+
+_SPECS = {spec.name: spec for spec in SPECS}
+#: name → default, for code that wants the defaults alone
+DEFAULTS: dict[str, Any] = {spec.name: spec.default for spec in SPECS}
 
 
 class Settings:
-    """The package's settings with their defaults, read from Django settings at each access."""
+    """The package's settings, read from Django settings at each access and checked against their spec."""
+
+    def get(self, name: str) -> Any:
+        """The setting ``name`` (without the prefix), checked; ``ConfigurationError`` if it does not fit."""
+        spec = _SPECS[name]
+        return spec.check(getattr(django_settings, PREFIX + name, spec.default))
+
+    def integer(self, name: str) -> int:
+        """``get`` of a setting whose value is an integer (ms, alarms, bytes…)."""
+        value = self.get(name)
+        if not isinstance(value, int):
+            raise ConfigurationError(f"{PREFIX}{name} must be set here, got {value!r}")
+        return value
 
     def __getattr__(self, name: str) -> Any:
-        if name not in DEFAULTS:
+        if name not in _SPECS:
             raise AttributeError(name)
-        return getattr(django_settings, PREFIX + name, DEFAULTS[name])
+        return self.get(name)
 
-    def positive_ms(self, name: str) -> int:
-        """A setting that must be a positive number of milliseconds."""
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            from .exceptions import ConfigurationError
-
-            raise ConfigurationError(f"{PREFIX}{name} must be a positive integer (ms), got {value!r}")
-        return value
+    def problems(self) -> list[str]:
+        """Every setting that does not fit its spec, and the pairs that do not fit together."""
+        found = []
+        for spec in SPECS:
+            try:
+                self.get(spec.name)
+            except ConfigurationError as exc:
+                found.append(str(exc))
+        if found:
+            return found
+        if self.get("CALLBACK_BUDGET") >= self.get("TIMEOUT_LEASE"):
+            found.append(f"{PREFIX}CALLBACK_BUDGET (ms) must be less than {PREFIX}TIMEOUT_LEASE (ms)")
+        if self.get("ERROR_BACKOFF") > self.get("ERROR_BACKOFF_MAX"):
+            found.append(f"{PREFIX}ERROR_BACKOFF (ms) must not be more than {PREFIX}ERROR_BACKOFF_MAX (ms)")
+        return found
 
     def keep_finished(self) -> dt.timedelta | None:
         """How long ended alarms are kept, or None to remove them at once."""
-        value = self.KEEP_FINISHED
+        value = self.get("KEEP_FINISHED")
         if value is None or value == 0:
             return None
         if isinstance(value, dt.timedelta):
             return value if value > dt.timedelta(0) else None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            from .exceptions import ConfigurationError
-
-            raise ConfigurationError(f"{PREFIX}KEEP_FINISHED must be None, seconds or a timedelta, got {value!r}")
         return dt.timedelta(seconds=value)
-
-    def max_in_flight(self) -> int | None:
-        """MAX_IN_FLIGHT checked: a positive integer, or None for no limit."""
-        value = self.MAX_IN_FLIGHT
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            from .exceptions import ConfigurationError
-
-            raise ConfigurationError(f"{PREFIX}MAX_IN_FLIGHT must be a positive integer or None, got {value!r}")
-        return value
-
-    def response_batch_wait(self) -> int:
-        """RESPONSE_BATCH_WAIT checked: a non-negative integer of milliseconds."""
-        value = self.RESPONSE_BATCH_WAIT
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            from .exceptions import ConfigurationError
-
-            raise ConfigurationError(f"{PREFIX}RESPONSE_BATCH_WAIT must be a non-negative integer (ms), got {value!r}")
-        return value
-
-    def publish_ahead(self) -> int:
-        """PUBLISH_AHEAD checked: an integer of milliseconds from 0 to MAX_PUBLISH_AHEAD."""
-        value = self.PUBLISH_AHEAD
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PUBLISH_AHEAD:
-            from .exceptions import ConfigurationError
-
-            raise ConfigurationError(
-                f"{PREFIX}PUBLISH_AHEAD must be an integer of milliseconds from 0 to {MAX_PUBLISH_AHEAD}, got {value!r}"
-            )
-        return value
 
     def keeps_history(self) -> bool:
         """True when ended alarms stay in the table for KEEP_FINISHED."""
         return self.keep_finished() is not None
+
+    def max_in_flight(self) -> int | None:
+        """MAX_IN_FLIGHT: a positive integer, or None for no limit."""
+        value: int | None = self.get("MAX_IN_FLIGHT")
+        return value
+
+    def publish_ahead(self) -> int:
+        """PUBLISH_AHEAD (ms), from 0 to MAX_PUBLISH_AHEAD."""
+        value: int = self.get("PUBLISH_AHEAD")
+        return value
+
+    def response_batch_wait(self) -> int:
+        """RESPONSE_BATCH_WAIT (ms)."""
+        value: int = self.get("RESPONSE_BATCH_WAIT")
+        return value
 
 
 settings = Settings()

@@ -17,12 +17,13 @@ from typing import Any
 
 from celery import Celery
 
-from . import notify, registry, responses, signals, store
+from . import callbacks, notify, registry, signals, store, writer
 from .conf import settings
-from .hooks import header_of, task_id_of
-from .message import Message, Response
+from .exceptions import SchedullerError
+from .message import Message, Response, describe
 from .planning import DueHeap, Window, claim_gap, next_wakeup
-from .scheduller import Scheduller, known_tasks
+from .scheduller import Scheduller
+from .wire import AttemptRef, header_limit, header_of, task_id_of
 
 logger = logging.getLogger("celery_scheduller")
 
@@ -54,7 +55,7 @@ ROOM_RECOUNT = 1.0
 FLOOR_MARGIN = 1.0
 
 
-class PublishFailed(Exception):
+class PublishFailed(SchedullerError):
     """The broker refused a publish; the claimed attempts were released to pending."""
 
 
@@ -63,7 +64,17 @@ def to_datetime(moment: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(moment, dt.UTC)
 
 
-def _half_spent(ref: store.AttemptRef, timeout_ms: int) -> float:
+def _check_header_size(headers: dict[str, str], limit: int | None) -> None:
+    if limit is not None:
+        size = sum(len(value) for value in headers.values())
+        if size > limit:
+            raise SchedullerError(
+                f"its header (ids and assigns) is {size} bytes, more than the broker takes in one header "
+                f"({limit} bytes within its frame_max)"
+            )
+
+
+def _half_spent(ref: AttemptRef, timeout_ms: int) -> float:
     """When half of an attempt's response time is gone (epoch seconds)."""
     return ref.deadline.timestamp() - timeout_ms / 2000
 
@@ -198,6 +209,7 @@ class AlarmEngine:
         self.published = 0
         self.timeouts = 0
         self._sender = _TaskSender(app)
+        self.callbacks = callbacks.CallbackRunner()
         self._backlog = False
         self._claimed_at = float("-inf")
         self._claim_gap = MAX_CLAIM_GAP
@@ -210,7 +222,7 @@ class AlarmEngine:
         """One pass at ``now`` (epoch seconds); returns the seconds until the next pass is needed."""
         names = self._names()
         if not names:
-            return settings.positive_ms("POLL_INTERVAL") / 1000
+            return settings.integer("POLL_INTERVAL") / 1000
         for name in names:
             self._load_window(name, now)
         self._hold_announced(names)
@@ -229,8 +241,9 @@ class AlarmEngine:
             more = self._backlog = self._publish_due(names, to_datetime(now), producer, ahead, polling)
             self._claimed_at = now
         if polling:
+            self.callbacks.watch(to_datetime(now))
             more = self._answer_timeouts(names, to_datetime(now)) or more
-            self.next_poll_at = now + settings.positive_ms("POLL_INTERVAL") / 1000
+            self.next_poll_at = now + settings.integer("POLL_INTERVAL") / 1000
         if now >= self.next_record_at:
             self._record(now)
         if now >= self.next_prune_at:
@@ -248,8 +261,10 @@ class AlarmEngine:
         )
 
     def close(self) -> None:
-        """Release the LISTEN connection."""
+        """Release the LISTEN connection; let the callbacks under way finish and their answers be stored."""
         self.listener.close()
+        self.callbacks.close()
+        writer.default.stop()
 
     def _next_claim(self, ahead: float) -> float | None:
         """When the next held alarm is to be published (``ahead`` seconds before it is due), claims at
@@ -293,15 +308,15 @@ class AlarmEngine:
         store.record_beat(
             self.name, to_datetime(self.started_at), to_datetime(now), windows, self.published, self.timeouts
         )
-        self.next_record_at = now + settings.positive_ms("BEAT_RECORD_INTERVAL") / 1000
+        self.next_record_at = now + settings.integer("BEAT_RECORD_INTERVAL") / 1000
 
     def _prune(self, now: float) -> None:
         """Remove kept history older than KEEP_FINISHED, one batch per prune interval."""
-        self.next_prune_at = now + settings.positive_ms("PRUNE_INTERVAL") / 1000
+        self.next_prune_at = now + settings.integer("PRUNE_INTERVAL") / 1000
         keep = settings.keep_finished()
         if keep is None:
             return
-        pruned = store.prune(to_datetime(now) - keep, settings.positive_ms("PRUNE_BATCH"))
+        pruned = store.prune(to_datetime(now) - keep, settings.integer("PRUNE_BATCH"))
         if pruned:
             logger.info("pruned %s ended alarms", pruned, extra={"action": "pruned", "count": pruned})
 
@@ -346,7 +361,7 @@ class AlarmEngine:
         as the task's ``eta``."""
         until = now + dt.timedelta(seconds=ahead)
         since = None if from_start else self._floor
-        limit = settings.positive_ms("BATCH_SIZE")
+        limit = settings.integer("BATCH_SIZE")
         started = time.perf_counter()
         self._throttled = False
         self._claim_gap = MAX_CLAIM_GAP  # nothing claimed: as for a slow stream
@@ -374,18 +389,22 @@ class AlarmEngine:
             return False
         claimed = time.perf_counter()
         late_before = now - dt.timedelta(milliseconds=settings.LATE_AFTER)
-        known = known_tasks(self.app)
-        outgoing: list[tuple[store.AttemptRef, Message, int, dt.datetime | None]] = []
+        outgoing: list[tuple[AttemptRef, Message, int, dt.datetime | None]] = []
         for row in rows:
-            ref = store.AttemptRef.of_row(row)
-            message = store.message_from_row(row)
+            ref = AttemptRef.of_row(row)
+            try:  # a row this process cannot read fails alone; its batch-mates go out
+                if row.get("unreadable"):
+                    raise ValueError(row["unreadable"])
+                message = store.message_from_row(row)
+            except (ValueError, TypeError, KeyError, RecursionError) as exc:
+                self._fail(ref, row["message_id"], f"the stored message cannot be read: {describe(exc)}", now)
+                continue
             if row["dispatch_at"] < late_before:
                 message = message.assign("late", True)
-            if known is not None and message.service_name not in known:
-                self._fail(ref, message, f"UnknownTask: no Celery task named {message.service_name!r}", now)
-            else:
-                eta = row["dispatch_at"] if row["dispatch_at"] > now else None
-                outgoing.append((ref, message, row["timeout_ms"], eta))
+            # A task beat does not know is published all the same: workers may know it (a deploy beat
+            # has not seen); one that no worker knows comes back as an error response (``hooks``).
+            eta = row["dispatch_at"] if row["dispatch_at"] > now else None
+            outgoing.append((ref, message, row["timeout_ms"], eta))
         sent = self._publish(outgoing, now, producer)
         self.published += len(sent)
         for ref, message in sent:
@@ -429,17 +448,18 @@ class AlarmEngine:
 
     def _publish(
         self,
-        outgoing: list[tuple[store.AttemptRef, Message, int, dt.datetime | None]],
+        outgoing: list[tuple[AttemptRef, Message, int, dt.datetime | None]],
         now: dt.datetime,
         producer: Any,
-    ) -> list[tuple[store.AttemptRef, Message]]:
+    ) -> list[tuple[AttemptRef, Message]]:
         """Publish claimed attempts in one broker batch where the transport has one; returns those sent.
 
         A batch goes out when the block ends, so a broker error releases every attempt of it (some may
         have reached the broker: their late responses are ignored, as for any superseded attempt).
         """
-        sent: list[tuple[store.AttemptRef, Message]] = []
+        sent: list[tuple[AttemptRef, Message]] = []
         with self.app.producer_or_acquire(producer) as producer:
+            limit = header_limit(producer.connection)
             try:
                 with _batch(producer, len(outgoing)):
                     for index, (ref, message, timeout_ms, eta) in enumerate(outgoing):
@@ -455,37 +475,52 @@ class AlarmEngine:
                                 extra={"action": "released", "count": len(behind)},
                             )
                             break
-                        self._send(ref, message, producer, eta)
+                        try:  # what only this alarm can get wrong: its header, its size
+                            headers = header_of(ref, message)
+                            _check_header_size(headers, limit)
+                        except (SchedullerError, ValueError, TypeError, RecursionError) as exc:
+                            self._fail(ref, message.id, f"cannot be published: {describe(exc)}", now, message)
+                            continue
+                        self._send(ref, message, producer, eta, headers)
                         sent.append((ref, message))
             except Exception as exc:
-                unsent = [ref for ref, _message in sent] + [ref for ref, *_rest in outgoing[len(sent) :]]
+                unsent = [ref for ref, *_rest in outgoing]  # guarded: those failed meanwhile stay failed
                 self._floor = None  # pending again, below the floor
                 store.release(unsent, now)
                 raise PublishFailed(f"publishing {len(outgoing)} alarms failed; released {len(unsent)} claims") from exc
         return sent
 
-    def _fail(self, ref: store.AttemptRef, message: Message, reason: str, now: dt.datetime) -> None:
-        # Publishing would only make the worker drop it; mark it failed, visible, not retried forever.
+    def _fail(
+        self, ref: AttemptRef, message_id: str, reason: str, now: dt.datetime, message: Message | None = None
+    ) -> None:
+        """Fail one claimed alarm that cannot be published, visibly, with ``reason``; its batch goes on."""
         if store.fail(ref, reason, now):
-            logger.error("alarm %s failed: %s", message.id, reason, extra={"alarm_id": message.id, "action": "failed"})
+            logger.error("alarm %s failed: %s", message_id, reason, extra={"alarm_id": message_id, "action": "failed"})
             signals.send(signals.alarm_failed, ref.scheduller, message=message, attempt=ref.attempt, reason=reason)
 
-    def _send(self, ref: store.AttemptRef, message: Message, producer: Any, eta: dt.datetime | None) -> None:
+    def _send(
+        self, ref: AttemptRef, message: Message, producer: Any, eta: dt.datetime | None, headers: dict[str, str]
+    ) -> None:
         self._sender.send(
             producer,
             message.service_name,
             message.raw_request,
             task_id_of(message.id, ref.attempt),
-            header_of(ref, message),
+            headers,
             ref.deadline,
             eta,
         )
 
     def _answer_timeouts(self, names: Sequence[str], now: dt.datetime) -> bool:
         """Answer attempts whose deadline passed with a ``timeout`` response; True when more may wait."""
-        limit = settings.positive_ms("BATCH_SIZE")
-        lease_until = now + dt.timedelta(milliseconds=settings.positive_ms("TIMEOUT_LEASE"))
+        limit = settings.integer("BATCH_SIZE")
+        lease_until = now + dt.timedelta(milliseconds=settings.integer("TIMEOUT_LEASE"))
+        # no more leased than the callback runner can answer within the lease
+        limit = min(limit, max(0, 2 * limit - self.callbacks.busy()))
+        if limit == 0:
+            return False
         leased = store.lease_timeouts(names, now, lease_until, limit)
-        responses.store_many([responses.decide(ref, message, Response("timeout"), now) for ref, message in leased])
+        for ref, message in leased:
+            self.callbacks.submit(ref, message, Response("timeout"), now)
         self.timeouts += len(leased)
         return len(leased) == limit

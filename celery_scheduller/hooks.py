@@ -6,7 +6,9 @@ Connected to Celery's task signals by the app's ``ready()``:
 - ``task_postrun``: the return value or exception becomes ``message.response`` → ``service_responded``,
   whose decision the process's response writer stores (``writer``);
 - ``task_failure`` in the worker's main process: a hard time limit or a lost worker, for which the pool
-  child never reached ``task_postrun``, becomes an ``error`` response;
+  child never reached ``task_postrun``, becomes an ``error`` response (the delivery found by its header,
+  kept from ``task_received``, never by its task id);
+- ``task_unknown``: a delivery of a task the worker does not know becomes an ``error`` response;
 - ``worker_init``: with ``PUBLISH_AHEAD`` set, the worker's consumer gets ``prefetch.PromptPrefetch``.
 
 A failing hook is logged with the alarm id and never raised into the worker.
@@ -15,26 +17,27 @@ A failing hook is logged with the alarm id and never raised into the worker.
 from __future__ import annotations
 
 import contextvars
-import functools
-import json
 import logging
+import weakref
 from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import signals, states
 
-from . import prefetch
-from .message import Message, Response, compact_json
-from .store import AttemptRef
+from . import compat, prefetch, writer
+from .message import Message, Response, describe
+from .wire import HEADER, AttemptRef, BadHeader, read_header
 
 logger = logging.getLogger("celery_scheduller")
-
-#: The task header carrying the alarm's attempt and Message (one JSON string).
-HEADER = "celery_scheduller"
 
 _delivery: contextvars.ContextVar[tuple[AttemptRef, Message] | None] = contextvars.ContextVar(
     "celery_scheduller_delivery", default=None
 )
+
+#: The worker's main process: the requests of alarm deliveries it received, while they live. A hard time
+#: limit or a lost worker is reported there with the task id only; the request (and its header) is found
+#: here among those that ended, so a forged message reusing a delivery's task id answers nothing.
+_received: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def current_message() -> Message | None:
@@ -43,31 +46,26 @@ def current_message() -> Message | None:
     return None if found is None else found[1]
 
 
-def task_id_of(message_id: str, attempt: int) -> str:
-    """The Celery task id of one attempt: the same message id and attempt on every redelivery."""
-    return f"{message_id}#{attempt}"
-
-
-def header_of(ref: AttemptRef, message: Message) -> dict[str, str]:
-    """The headers that mark a task as the delivery of ``ref``."""
-    return {HEADER: compact_json({"ref": ref.to_json(), "message": message.to_json()})}
-
-
-def _read_header(request: Any) -> tuple[AttemptRef, Message] | None:
-    raw: str | None = (getattr(request, "headers", None) or {}).get(HEADER) or getattr(request, HEADER, None)
-    if not raw:
+def _delivery_of(headers: Any, kwargs: Any, task_id: str) -> tuple[AttemptRef, Message] | None:
+    """The delivery a task's headers name, or None (no header, or one this project did not sign: logged)."""
+    try:
+        return read_header(headers, kwargs)
+    except (BadHeader, ValueError, KeyError, TypeError) as exc:
+        logger.error(
+            "task %s carries a %s header that is not this project's (%s): not treated as an alarm delivery",
+            task_id,
+            HEADER,
+            exc,
+            extra={"action": "bad_header"},
+        )
         return None
-    data = json.loads(raw)
-    return AttemptRef.from_json(data["ref"]), Message.from_json(data["message"])
 
 
 def _on_prerun(task_id: str, task: Any, **_: Any) -> None:
-    try:
-        found = _read_header(task.request)
-    except Exception:
-        logger.exception("unreadable %s header on task %s", HEADER, task_id, extra={"action": "hook_error"})
-        found = None
-    _delivery.set(found)
+    request = task.request
+    # protocol 2 makes the message's headers attributes of the request; ``headers`` holds them elsewhere
+    raw = getattr(request, HEADER, None) or (getattr(request, "headers", None) or {}).get(HEADER)
+    _delivery.set(_delivery_of({HEADER: raw}, getattr(request, "kwargs", None), task_id) if raw else None)
 
 
 def _on_postrun(task_id: str, task: Any, retval: Any = None, state: str | None = None, **_: Any) -> None:
@@ -81,37 +79,70 @@ def _on_postrun(task_id: str, task: Any, retval: Any = None, state: str | None =
         response = Response("error", error=describe(retval))
     else:
         return  # RETRY, IGNORED, REJECTED: the task has not finished; a later run or the timeout answers
-    _answer(*found, response, deferred=not getattr(task.request, "is_eager", False) and _writer_serves())
+    _answer(*found, response, deferred=not getattr(task.request, "is_eager", False) and writer.serves())
+
+
+def _on_received(request: Any = None, **_: Any) -> None:
+    """Main process: keep the request of an alarm delivery reachable by its task id while it lives."""
+    headers = getattr(request, "request_dict", None) or {}
+    if headers.get(HEADER):
+        _received.add(request)
 
 
 def _on_failure(task_id: str, exception: BaseException | None = None, **_: Any) -> None:
-    if not isinstance(exception, (TimeLimitExceeded, WorkerLostError)) or "#" not in (task_id or ""):
+    """Main process: a hard time limit or a lost worker, which the pool child never answered."""
+    if not isinstance(exception, (TimeLimitExceeded, WorkerLostError)):
         return  # ordinary failures were answered by task_postrun in the pool child
+    for request in compat.ended_requests(list(_received), task_id):
+        _received.discard(request)
+        found = _delivery_of(request.request_dict, request.kwargs, task_id)
+        if found is not None:
+            _answer_if_current(*found, Response("error", error=describe(exception)))
+
+
+def _on_unknown(message: Any = None, name: str = "", id: str = "", **_: Any) -> None:  # noqa: A002
+    """Main process: a task this worker does not know (a deploy not yet rolled out, a typo in a retry):
+    for an alarm delivery, the application decides, as for an unavailable service."""
+    headers = getattr(message, "headers", None)
+    kwargs: Any = None
+    try:
+        body = message.decode() if message is not None else None
+        if isinstance(body, (list, tuple)) and len(body) >= 2:
+            kwargs = body[1]
+    except Exception:
+        kwargs = None
+    found = _delivery_of(headers, kwargs, id)
+    if found is not None:
+        _answer_if_current(*found, Response("error", error=f"NotRegistered: no task named {name!r} on this worker"))
+
+
+def _answer_if_current(ref: AttemptRef, message: Message, response: Response) -> None:
+    """``_answer`` for the main process's paths, after checking the attempt is still the alarm's current one."""
     from . import store
 
-    message_id, _sep, attempt = task_id.rpartition("#")
     try:
-        found = store.published_attempt(message_id, int(attempt))
+        current = store.is_current(ref)
     except Exception:
-        logger.exception("cannot look up alarm %s", message_id, extra={"alarm_id": message_id, "action": "hook_error"})
+        logger.exception(
+            "cannot look up alarm %s", ref.message_id, extra={"alarm_id": ref.message_id, "action": "hook_error"}
+        )
         return
-    if found is not None:
-        _answer(*found, Response("error", error=describe(exception)))
-
-
-@functools.cache
-def _writer_serves() -> bool:
-    """Whether responses go through the process's response writer: on every database but SQLite, whose
-    single writer lock a second connection per process would only contend for."""
-    from django.db import connections
-
-    return connections["default"].vendor != "sqlite"
+    if current:
+        _answer(ref, message, response)
+    else:
+        logger.info(
+            "no current attempt %s of alarm %s: %s not answered",
+            ref.attempt,
+            ref.message_id,
+            response.status,
+            extra={"alarm_id": ref.message_id, "attempt": ref.attempt, "action": "ignored"},
+        )
 
 
 def _answer(ref: AttemptRef, message: Message, response: Response, deferred: bool = False) -> None:
     """Decide what ``response`` means for the alarm (``service_responded``) and store it: now, or with
     ``deferred`` through the process's response writer (``writer``)."""
-    from . import clock, responses, writer
+    from . import clock, responses
 
     now = clock.default.now_datetime()
     if now > ref.deadline:
@@ -136,18 +167,8 @@ def _answer(ref: AttemptRef, message: Message, response: Response, deferred: boo
         )
 
 
-def describe(error: object) -> str:
-    """A one-line name of an exception: its type and message."""
-    if isinstance(error, BaseException):
-        text = str(error)
-        return f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return repr(error)
-
-
 def _stop_writer(**_: Any) -> None:
     """A worker process that exits stores the responses its writer still holds first."""
-    from . import writer
-
     if not writer.default.stop():
         logger.error("the response writer did not store every response before the process exited")
 
@@ -162,3 +183,5 @@ def connect() -> None:
     signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid="celery_scheduller.prerun")
     signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid="celery_scheduller.postrun")
     signals.task_failure.connect(_on_failure, weak=False, dispatch_uid="celery_scheduller.failure")
+    signals.task_received.connect(_on_received, weak=False, dispatch_uid="celery_scheduller.received")
+    signals.task_unknown.connect(_on_unknown, weak=False, dispatch_uid="celery_scheduller.unknown")

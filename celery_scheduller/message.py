@@ -32,15 +32,44 @@ _NO_NUL = "PostgreSQL cannot store the NUL character (\\x00) in text or JSON"
 
 
 def refuse_nul(text: str, where: str) -> None:
-    """Raise ``InvalidAlarm`` if ``text`` holds a NUL character, on every database alike."""
+    """Raise ``InvalidAlarm`` if ``text`` holds a NUL character or a lone surrogate, on every database alike."""
     if "\x00" in text:
         raise InvalidAlarm(f"{where} contains a NUL character: {_NO_NUL}")
+    found = None if text.isascii() else _SURROGATE.search(text)
+    if found is not None:
+        raise InvalidAlarm(f"{where} contains a lone surrogate ({found.group()!r}): {_NO_SURROGATE}")
 
 
 def refuse_nul_in_json(encoded: str, where: str) -> None:
-    """``refuse_nul`` for a value as ``compact_json`` encoded it (a NUL anywhere: a string or a key)."""
+    """``refuse_nul`` for a value as ``compact_json`` encoded it (anywhere: a string or a key).
+
+    ``compact_json`` escapes every non-ASCII character, so a character above U+FFFF arrives as a pair of
+    surrogate escapes; a lone one (half a pair) is what no database stores as text.
+    """
     if "\\u0000" in encoded and _NUL_IN_JSON.search(encoded):
         raise InvalidAlarm(f"{where} contains a NUL character: {_NO_NUL}")
+    if ("\\ud" in encoded or "\\uD" in encoded) and _lone_surrogate_in_json(encoded):
+        raise InvalidAlarm(f"{where} contains a lone surrogate: {_NO_SURROGATE}")
+
+
+_NO_SURROGATE = "half of a UTF-16 pair is not text any database stores (UTF-8 has no encoding for it)"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: a surrogate escape (not preceded by an escaped backslash), with the escape after it if there is one
+_SURROGATE_ESCAPE = re.compile(
+    r"(?<!\\)((?:\\\\)*)\\u(d[89ab][0-9a-f]{2}|d[c-f][0-9a-f]{2})(\\u[dD][c-fC-F][0-9a-fA-F]{2})?", re.I
+)
+
+
+def _lone_surrogate_in_json(encoded: str) -> bool:
+    position = 0
+    while True:
+        found = _SURROGATE_ESCAPE.search(encoded, position)
+        if found is None:
+            return False
+        high = found.group(2).lower()[1] in "89ab"
+        if not high or found.group(3) is None:
+            return True  # a low half alone, or a high half not followed by a low one
+        position = found.end()
 
 
 def compact_json(value: Any) -> str:
@@ -48,16 +77,22 @@ def compact_json(value: Any) -> str:
     return _COMPACT.encode(value)
 
 
+#: How deeply raw_request, assigns and a Retry's message may nest (dicts and lists): far inside Python's
+#: recursion limit (1,000) and PostgreSQL's, so no process meets a value it cannot decode.
+MAX_DEPTH = 32
+
+
 def to_json_value(value: Any, where: str = "value") -> Any:
     """Return ``value`` as JSON-native data, aware datetimes tagged so they come back as datetimes.
 
     Raises ``InvalidAlarm`` naming ``where`` for anything JSON cannot carry (sets, objects, naive
-    datetimes, non-string keys), so bad input fails where it is given, never later in beat.
+    datetimes, non-string keys, nesting deeper than ``MAX_DEPTH``), so bad input fails where it is
+    given, never later in beat. Strings are checked apart (``refuse_nul_in_json`` on the encoded text).
     """
     try:
-        return _plain_json_value(value)
+        return _plain_json_value(value, 0)
     except _NotPlain:
-        return _json_value(value, where)
+        return _json_value(value, where, 0)
 
 
 class _NotPlain(Exception):
@@ -67,28 +102,35 @@ class _NotPlain(Exception):
 _INFINITIES = (float("inf"), float("-inf"))
 
 
-def _plain_json_value(value: Any) -> Any:
+def _plain_json_value(value: Any, depth: int) -> Any:
     """``to_json_value`` for the built-in types only, naming no path: the hot path of ``dispatch_many``."""
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
         return value
     if kind is dict:
+        if depth >= MAX_DEPTH:
+            raise _NotPlain
         out = {}
         for key, item in value.items():
             if type(key) is not str or key == DATETIME_TAG:
                 raise _NotPlain
-            out[key] = _plain_json_value(item)
+            out[key] = _plain_json_value(item, depth + 1)
         return out
     if kind is list or kind is tuple:
-        return [_plain_json_value(item) for item in value]
+        if depth >= MAX_DEPTH:
+            raise _NotPlain
+        return [_plain_json_value(item, depth + 1) for item in value]
     if kind is float and value == value and value not in _INFINITIES:
         return value
     if kind is dt.datetime and value.utcoffset() is not None:
-        return {DATETIME_TAG: value.astimezone(dt.UTC).isoformat()}
+        try:
+            return {DATETIME_TAG: value.astimezone(dt.UTC).isoformat()}
+        except OverflowError:
+            raise _NotPlain from None
     raise _NotPlain
 
 
-def _json_value(value: Any, where: str) -> Any:
+def _json_value(value: Any, where: str, depth: int) -> Any:
     """``to_json_value`` for any value, naming ``where`` in the error it raises."""
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -101,7 +143,12 @@ def _json_value(value: Any, where: str) -> Any:
     if isinstance(value, dt.datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise InvalidAlarm(f"{where}: naive datetime {value!r}; use a timezone-aware datetime")
-        return {DATETIME_TAG: value.astimezone(dt.UTC).isoformat()}
+        try:
+            return {DATETIME_TAG: value.astimezone(dt.UTC).isoformat()}
+        except OverflowError:
+            raise InvalidAlarm(f"{where}: {value!r} is outside the years 1 to 9999 in UTC") from None
+    if isinstance(value, (Mapping, list, tuple)) and depth >= MAX_DEPTH:
+        raise InvalidAlarm(f"{where}: nested deeper than {MAX_DEPTH} levels (dicts and lists)")
     if isinstance(value, Mapping):
         out = {}
         for key, item in value.items():
@@ -109,11 +156,41 @@ def _json_value(value: Any, where: str) -> Any:
                 raise InvalidAlarm(f"{where}: key {key!r} is not a string; JSON objects have string keys")
             if key == DATETIME_TAG:
                 raise InvalidAlarm(f"{where}: the key {DATETIME_TAG!r} is reserved")
-            out[key] = _json_value(item, f"{where}[{key!r}]")
+            out[key] = _json_value(item, f"{where}[{key!r}]", depth + 1)
         return out
     if isinstance(value, (list, tuple)):
-        return [_json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
-    raise InvalidAlarm(f"{where}: {type(value).__name__} {value!r} is not JSON-serializable")
+        return [_json_value(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
+    raise InvalidAlarm(f"{where}: {type(value).__name__} {_safe_repr(value)[:200]} is not JSON-serializable")
+
+
+def storable_json(value: Any, where: str) -> str:
+    """``value`` as the compact JSON text stored for it; ``InvalidAlarm`` naming ``where`` for anything the
+    databases cannot keep (see ``to_json_value``, NUL characters and lone surrogates)."""
+    encoded = compact_json(to_json_value(value, where))
+    refuse_nul_in_json(encoded, where)
+    return encoded
+
+
+#: The longest error text, and response value as JSON, stored for one attempt; longer ones are cut.
+MAX_STORED_ERROR = 8_192
+MAX_STORED_VALUE = 65_536
+
+
+def safe_text(text: str, limit: int = MAX_STORED_ERROR) -> tuple[str, str]:
+    """``text`` in a form every database stores: NUL characters and lone surrogates replaced by U+FFFD,
+    cut to ``limit`` characters. Returns the text and a note saying what was changed ("" when nothing)."""
+    notes = []
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+        notes.append("NUL characters replaced")
+    if not text.isascii() and _SURROGATE.search(text):
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        text = _SURROGATE.sub("\ufffd", text)
+        notes.append("lone surrogates replaced")
+    if len(text) > limit:
+        notes.append(f"cut from {len(text)} to {limit} characters")
+        text = text[:limit]
+    return text, "; ".join(notes)
 
 
 def from_json_value(value: Any) -> Any:
@@ -139,6 +216,8 @@ class Response:
     status: Status
     value: Any = None
     error: str | None = None
+    #: Set on a stored response whose value or error had to be changed to be stored (what was changed).
+    note: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -146,12 +225,28 @@ class Response:
         return self.status == "ok"
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-native form, for storage and task headers."""
+        """JSON-native form, as stored: always storable. A value JSON cannot carry is stored as its repr,
+        error text and values too long or holding what no database stores are cut or mended, and ``note``
+        says so; ``service_responded`` saw the response as it came."""
+        notes = [self.note] if self.note else []
         try:
             value = to_json_value(self.value, "response value")
-        except InvalidAlarm:
-            value = repr(self.value)
-        return {"status": self.status, "value": value, "error": self.error}
+            encoded = compact_json(value)
+            refuse_nul_in_json(encoded, "response value")
+            if len(encoded) > MAX_STORED_VALUE:
+                raise InvalidAlarm(f"response value is {len(encoded)} characters as JSON")
+        except Exception as exc:  # whatever the value does, the attempt's answer is stored
+            value, changed = safe_text(_safe_repr(self.value), MAX_STORED_VALUE)
+            notes.append(f"value stored as its repr ({exc})" + (f"; {changed}" if changed else ""))
+        error = self.error
+        if error is not None:
+            error, changed = safe_text(error)
+            if changed:
+                notes.append(f"error text: {changed}")
+        data: dict[str, Any] = {"status": self.status, "value": value, "error": error}
+        if notes:
+            data["note"] = safe_text("; ".join(notes), 1_000)[0]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Response:
@@ -159,7 +254,27 @@ class Response:
         status = data["status"]
         if status not in STATUSES:
             raise ValueError(f"unknown response status {status!r}")
-        return cls(status=status, value=from_json_value(data.get("value")), error=data.get("error"))
+        return cls(
+            status=status, value=from_json_value(data.get("value")), error=data.get("error"), note=data.get("note")
+        )
+
+
+def describe(error: object) -> str:
+    """A one-line name of an exception: its type and message."""
+    if isinstance(error, BaseException):
+        try:
+            text = str(error)
+        except Exception:
+            text = "(its message could not be read)"
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return _safe_repr(error)
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception as exc:  # a repr that raises (or recurses without end) still leaves a trace
+        return f"<{type(value).__name__} whose repr failed: {type(exc).__name__}>"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -31,6 +31,9 @@ class Alarm(models.Model):
     #: When a response for the published attempt stops being awaited.
     deadline = models.DateTimeField(null=True, blank=True)
     last_response = models.JSONField(null=True, blank=True)
+    #: ``service_responded`` failures in a row (raised, returned garbage, overran its budget); at
+    #: CALLBACK_MAX_FAILURES the alarm is failed. Any valid answer sets it back to 0.
+    callback_failures = models.PositiveIntegerField(default=0, db_default=0)
     #: When the alarm ended (finished, failed or cancelled); kept rows are pruned after KEEP_FINISHED.
     finished_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
+
+from django.db import connection, transaction
 
 from . import registry, signals, store
 from .conf import settings
-from .message import Message, Response
+from .message import Message, Response, describe
 from .scheduller import Retry, due_time, validate_decision
+from .wire import AttemptRef
 
 logger = logging.getLogger("celery_scheduller")
 
@@ -19,17 +24,20 @@ logger = logging.getLogger("celery_scheduller")
 class Decided:
     """What ``service_responded`` decided for one attempt, not yet stored (``decide`` → ``store_decided``).
 
-    ``again`` is the next attempt's Message for a retry or an error back-off, None to finish.
+    ``again`` is the next attempt's Message for a retry or an error back-off, None to finish (or, with
+    ``action == "failed"``, to fail the alarm with ``note`` as its reason).
     """
 
-    ref: store.AttemptRef
+    ref: AttemptRef
     answered: Message
     now: dt.datetime
-    action: str  # "finished", "retried" or "error_backoff"
+    action: str  # "finished", "retried", "error_backoff" or "failed"
     again: Message | None = None
     due: dt.datetime | None = None
     timeout_ms: int = 0
     note: str = ""
+    #: ``service_responded`` failures in a row, this one included (0 after a valid answer)
+    failures: int = 0
 
     @property
     def response(self) -> Response:
@@ -37,7 +45,7 @@ class Decided:
         return self.answered.response
 
 
-def respond(ref: store.AttemptRef, message: Message, response: Response, now: dt.datetime) -> str:
+def respond(ref: AttemptRef, message: Message, response: Response, now: dt.datetime) -> str:
     """Call the owner's ``service_responded`` and store its decision for attempt ``ref``.
 
     Returns the action taken: ``"finished"``, ``"retried"``, ``"error_backoff"`` or ``"ignored"``
@@ -47,7 +55,7 @@ def respond(ref: store.AttemptRef, message: Message, response: Response, now: dt
     return store_decided(decide(ref, message, response, now))
 
 
-def decide(ref: store.AttemptRef, message: Message, response: Response, now: dt.datetime) -> Decided:
+def decide(ref: AttemptRef, message: Message, response: Response, now: dt.datetime) -> Decided:
     """Call the owner's ``service_responded`` for attempt ``ref``; store nothing."""
     answered = message.with_response(response)
     if response.status == "timeout":
@@ -56,18 +64,13 @@ def decide(ref: store.AttemptRef, message: Message, response: Response, now: dt.
         scheduller = registry.get(ref.scheduller)
         decision = validate_decision(scheduller.service_responded(answered), message)
         due = due_time(None, decision.in_ms, now) if isinstance(decision, Retry) else None
-    except Exception:
-        backoff = settings.positive_ms("ERROR_BACKOFF")
+    except Exception as exc:
         logger.exception(
-            "service_responded failed for alarm %s; retrying in %s ms",
+            "service_responded failed for alarm %s",
             message.id,
-            backoff,
-            extra={**_log_extra(ref, answered), "action": "error_backoff"},
+            extra={**_log_extra(ref, answered), "action": "callback_error"},
         )
-        due = now + dt.timedelta(milliseconds=backoff)
-        again = message.assign("dispatch_at", due)
-        timeout = _timeout_or_default(ref, again)
-        return Decided(ref, answered, now, "error_backoff", again, due, timeout, "error back-off")
+        return callback_failed(ref, answered, now, describe(exc))
     if not isinstance(decision, Retry) or due is None:  # validate_decision let only OK through besides Retry
         return Decided(ref, answered, now, "finished")
     again = (decision.message or message).with_response(None).assign("dispatch_at", due)
@@ -76,14 +79,56 @@ def decide(ref: store.AttemptRef, message: Message, response: Response, now: dt.
     )
 
 
+def callback_failed(ref: AttemptRef, answered: Message, now: dt.datetime, reason: str) -> Decided:
+    """The decision for an attempt whose ``service_responded`` failed (``reason``): try again after a
+    back-off growing with each failure in a row, or fail the alarm at CALLBACK_MAX_FAILURES."""
+    failures = ref.callback_failures + 1
+    message = answered.with_response(None)
+    if failures >= settings.integer("CALLBACK_MAX_FAILURES"):
+        note = f"service_responded failed {failures} times in a row; last: {reason}"
+        return Decided(ref, answered, now, "failed", note=note, failures=failures)
+    backoff = backoff_ms(failures)
+    due = now + dt.timedelta(milliseconds=backoff)
+    logger.warning(
+        "alarm %s: service_responded failed (%s in a row); trying again in %s ms: %s",
+        message.id,
+        failures,
+        backoff,
+        reason,
+        extra={**_log_extra(ref, answered), "action": "error_backoff"},
+    )
+    again = message.assign("dispatch_at", due)
+    note = f"error back-off ({failures}): {reason}"
+    return Decided(ref, answered, now, "error_backoff", again, due, _timeout_or_default(ref, again), note, failures)
+
+
+def backoff_ms(failures: int) -> int:
+    """The back-off after ``failures`` failures in a row: ERROR_BACKOFF doubled per failure after the first,
+    at most ERROR_BACKOFF_MAX, less a random part of up to a half, so alarms that fail together spread out."""
+    first, cap = settings.integer("ERROR_BACKOFF"), settings.integer("ERROR_BACKOFF_MAX")
+    full = min(cap, first * 2 ** min(failures - 1, 40))
+    return max(1, int(full * random.uniform(0.5, 1.0)))
+
+
 def store_decided(decided: Decided) -> str:
     """Store one decision if its attempt is still current, then signal and log it; returns the action."""
     ref, response = decided.ref, decided.response
-    if decided.again is None:
+    if decided.action == "failed":
+        applied = store.fail(ref, decided.note, decided.now)
+    elif decided.again is None:
         applied = store.finish(ref, response, decided.now, settings.keeps_history())
     else:
         assert decided.due is not None
-        applied = store.retry(ref, decided.again, decided.due, decided.timeout_ms, response, decided.now, decided.note)
+        applied = store.retry(
+            ref,
+            decided.again,
+            decided.due,
+            decided.timeout_ms,
+            response,
+            decided.now,
+            decided.note,
+            decided.failures,
+        )
     return _stored(decided, applied)
 
 
@@ -96,24 +141,78 @@ def store_many(decisions: Sequence[Decided]) -> list[str]:
     for index, decided in enumerate(decisions):
         first.setdefault(decided.ref.pk, index)
     finishing, retrying = [], []
+    batchable = [d.action != "failed" and first[d.ref.pk] == i for i, d in enumerate(decisions)]
     if store.finishes_in_one_statement(settings.keeps_history()):
-        finishing = [i for i, d in enumerate(decisions) if d.again is None and first[d.ref.pk] == i]
+        finishing = [i for i, d in enumerate(decisions) if d.again is None and batchable[i]]
     if store.retries_in_one_statement():
-        retrying = [i for i, d in enumerate(decisions) if d.again is not None and first[d.ref.pk] == i]
+        retrying = [i for i, d in enumerate(decisions) if d.again is not None and batchable[i]]
     applied: dict[int, bool] = {}
+    # a batch that fails leaves its decisions out of ``applied``: they are stored one by one below
     if finishing:
-        finished = store.finish_many([decisions[i].ref for i in finishing])
-        applied.update((i, decisions[i].ref.pk in finished) for i in finishing)
+        with _or_one_by_one(len(finishing)):
+            finished = store.finish_many([decisions[i].ref for i in finishing])
+            applied.update((i, decisions[i].ref.pk in finished) for i in finishing)
     if retrying:
-        retried = store.retry_many([_new_attempt(decisions[i]) for i in retrying])
-        applied.update((i, decisions[i].ref.pk in retried) for i in retrying)
-    return [_stored(d, applied[i]) if i in applied else store_decided(d) for i, d in enumerate(decisions)]
+        with _or_one_by_one(len(retrying)):
+            retried = store.retry_many([_new_attempt(decisions[i]) for i in retrying])
+            applied.update((i, decisions[i].ref.pk in retried) for i in retrying)
+    return [_stored(d, applied[i]) if i in applied else _store_alone(d) for i, d in enumerate(decisions)]
+
+
+@contextlib.contextmanager
+def _or_one_by_one(count: int) -> Iterator[None]:
+    """Run a statement storing several decisions; when it fails on a usable connection (one row's value,
+    not the database going away), swallow the error so the caller stores them one by one."""
+    try:
+        with _savepoint():
+            yield
+    except Exception:
+        if not _connection_usable():
+            raise
+        logger.warning(
+            "storing %s decisions together failed; storing them one by one",
+            count,
+            exc_info=True,
+            extra={"action": "batch_fallback", "count": count},
+        )
+
+
+def _store_alone(decided: Decided) -> str:
+    """``store_decided`` in a savepoint of its own; a decision the database refuses fails its alarm alone,
+    with the reason recorded (the connection going away is raised: nothing is wrong with the alarm)."""
+    try:
+        with _savepoint():
+            return store_decided(decided)
+    except Exception as exc:
+        if not _connection_usable():
+            raise
+        reason = f"storing the answer failed ({describe(exc)}); the decision was {decided.action}"
+        failing = dataclasses.replace(decided, action="failed", again=None, due=None, note=reason)
+        with _savepoint():
+            return store_decided(failing)
+
+
+def _savepoint() -> contextlib.AbstractContextManager[object]:
+    """A savepoint when the caller holds a transaction (a failed statement would spoil it), else nothing:
+    in autocommit every statement is its own transaction already."""
+    return transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+
+
+def _connection_usable() -> bool:
+    return connection.connection is not None and connection.is_usable()
 
 
 def _new_attempt(decided: Decided) -> store.NewAttempt:
     assert decided.again is not None and decided.due is not None
     return store.NewAttempt(
-        decided.ref, decided.again, decided.due, decided.timeout_ms, decided.response, decided.now, decided.note
+        decided.ref,
+        decided.again,
+        decided.due,
+        decided.timeout_ms,
+        decided.response,
+        decided.now,
+        decided.note,
+        decided.failures,
     )
 
 
@@ -121,7 +220,17 @@ def _stored(decided: Decided, applied: bool) -> str:
     ref, answered = decided.ref, decided.answered
     if applied:
         signals.send(signals.alarm_responded, ref.scheduller, message=answered, attempt=ref.attempt)
-        if decided.again is None:
+        if decided.action == "failed":
+            logger.error(
+                "alarm %s failed: %s",
+                answered.id,
+                decided.note,
+                extra={**_log_extra(ref, answered), "action": "failed"},
+            )
+            signals.send(
+                signals.alarm_failed, ref.scheduller, message=answered, attempt=ref.attempt, reason=decided.note
+            )
+        elif decided.again is None:
             signals.send(signals.alarm_finished, ref.scheduller, message=answered, attempt=ref.attempt)
         else:
             again, due = decided.again, decided.due
@@ -129,12 +238,12 @@ def _stored(decided: Decided, applied: bool) -> str:
     return _logged(applied, decided.action, answered, _log_extra(ref, answered))
 
 
-def _log_extra(ref: store.AttemptRef, answered: Message) -> dict[str, object]:
+def _log_extra(ref: AttemptRef, answered: Message) -> dict[str, object]:
     status = answered.response.status if answered.response is not None else None
     return {"alarm_id": answered.id, "attempt": ref.attempt, "status": status}
 
 
-def _timeout_or_default(ref: store.AttemptRef, message: Message) -> int:
+def _timeout_or_default(ref: AttemptRef, message: Message) -> int:
     # a dispatch_timeout that raises or returns garbage must not leave the attempt unanswerable
     try:
         return registry.get(ref.scheduller)._timeout_of(message)

@@ -22,6 +22,31 @@ def _ensure_django() -> None:
         django.setup()
 
 
+def _log_header_limit(broker: Any) -> None:
+    """On RabbitMQ: the frame_max negotiated, which bounds a delivery's header (ids and assigns)."""
+    from .conf import settings
+    from .wire import FRAME_SPARE, header_limit
+
+    limit = header_limit(broker)
+    if limit is None:
+        return
+    payload = settings.integer("MAX_PAYLOAD")
+    logger.info(
+        "broker frame_max %s bytes: a delivery's header (ids and assigns) may take %s bytes",
+        limit + FRAME_SPARE,
+        limit,
+        extra={"action": "frame_max"},
+    )
+    if payload > limit:
+        logger.warning(
+            "CELERY_SCHEDULLER_MAX_PAYLOAD (%s bytes) is more than this broker's header limit (%s bytes): an alarm "
+            "whose assigns and ids exceed it is failed at publish, with that reason",
+            payload,
+            limit,
+            extra={"action": "frame_max"},
+        )
+
+
 class AlarmScheduler(PersistentScheduler):
     """A beat scheduler that delivers alarms and also runs the project's ``beat_schedule`` entries.
 
@@ -79,6 +104,7 @@ class AlarmScheduler(PersistentScheduler):
                 broker.release()
                 raise
             self._alarm_producer = self.Producer(broker, auto_declare=False)  # type: ignore[attr-defined]
+            _log_header_limit(broker)
         return self._alarm_producer
 
     def _drop_broker_connection(self) -> None:

@@ -13,7 +13,8 @@ from django.db import transaction
 from . import registry
 from .conf import settings
 from .exceptions import InvalidAlarm
-from .message import Message, compact_json, refuse_nul, refuse_nul_in_json, to_json_value
+from .message import Message, refuse_nul, storable_json
+from .wire import configured_header_limit, header_size
 
 
 @final
@@ -70,7 +71,7 @@ def _revoke(attempts: Sequence[tuple[str, int]]) -> None:
     """
     from celery import current_app
 
-    from .hooks import task_id_of
+    from .wire import task_id_of
 
     task_ids = [task_id_of(message_id, attempt) for message_id, attempt in attempts]
     try:
@@ -207,11 +208,15 @@ class Scheduller:
         alarms = list(alarms)
         for name in {message.service_name for message, _aggregate, _at in alarms if isinstance(message, Message)}:
             _check_task(name)  # each task name once, not once per alarm
-        limit = settings.MAX_PAYLOAD
+        limit = settings.integer("MAX_PAYLOAD")
+        header_limit = broker_header_limit()
 
         def checked(some: list[tuple[Message, str, dt.datetime]]) -> list[tuple[tuple[Message, str, str], str]]:
             return [
-                (self._prepare_encoded(message, aggregate_id, at, None, now, limit, check_task=False), aggregate_id)
+                (
+                    self._prepare_encoded(message, aggregate_id, at, None, now, limit, header_limit, check_task=False),
+                    aggregate_id,
+                )
                 for message, aggregate_id, at in some
             ]
 
@@ -304,6 +309,7 @@ class Scheduller:
         in_ms: int | None,
         now: dt.datetime,
         limit: int | None = None,
+        header_limit: int | None = None,
         *,
         check_task: bool = True,
     ) -> tuple[Message, str, str]:
@@ -323,24 +329,9 @@ class Scheduller:
         if dispatch_at < now:
             assigns["late"] = True
         scheduled = message._with_assigns(assigns)
-        # raise InvalidAlarm naming a field JSON cannot carry
-        raw_json = compact_json(to_json_value(scheduled.raw_request, "raw_request"))
-        assigns_json = compact_json(to_json_value(scheduled.assigns, "assigns"))
-        refuse_nul_in_json(raw_json, f"message {message.id!r}: raw_request")
-        refuse_nul_in_json(assigns_json, f"message {message.id!r}: assigns")
-        size = (
-            len(raw_json)
-            + len(assigns_json)
-            + len(scheduled.service_name)
-            + len(scheduled.id)
-            + len(scheduled.correlation_id)
-            + len(scheduled.causation_id)
-        )
-        limit = settings.MAX_PAYLOAD if limit is None else limit
-        if size > limit:
-            raise InvalidAlarm(
-                f"message {message.id!r} is {size} bytes as JSON, more than CELERY_SCHEDULLER_MAX_PAYLOAD ({limit})"
-            )
+        if limit is None:
+            limit, header_limit = settings.integer("MAX_PAYLOAD"), broker_header_limit()
+        raw_json, assigns_json = encode_for_storage(scheduled, limit, "message", header_limit)
         return scheduled, raw_json, assigns_json
 
     def _save(self, prepared: list[tuple[tuple[Message, str, str], str]]) -> None:
@@ -380,6 +371,49 @@ class Scheduller:
         return timeout
 
 
+def encode_for_storage(
+    message: Message, limit: int, what: str = "message", header_limit: int | None = None
+) -> tuple[str, str]:
+    """``message``'s raw_request and assigns as the JSON stored for them; ``InvalidAlarm`` naming the field
+    for anything that cannot be stored (``message.storable_json``), a message larger than ``limit``
+    (``MAX_PAYLOAD``) bytes, or assigns and ids larger than ``header_limit`` (what the broker carries in
+    a delivery's header: RabbitMQ's frame_max). The one check of what an alarm stores: dispatch and Retry."""
+    raw_json = storable_json(message.raw_request, f"{what} {message.id!r}: raw_request")
+    assigns_json = storable_json(message.assigns, f"{what} {message.id!r}: assigns")
+    size = (
+        len(raw_json)
+        + len(assigns_json)
+        + len(message.service_name)
+        + len(message.id)
+        + len(message.correlation_id)
+        + len(message.causation_id)
+    )
+    if size > limit:
+        raise InvalidAlarm(
+            f"{what} {message.id!r} is {size} bytes as JSON, more than CELERY_SCHEDULLER_MAX_PAYLOAD ({limit})"
+        )
+    if header_limit is not None and header_size(message, assigns_json) > header_limit:
+        raise InvalidAlarm(
+            f"{what} {message.id!r}: its assigns and ids are {header_size(message, assigns_json)} bytes as JSON, "
+            f"more than the broker carries in a message header ({header_limit}, within RabbitMQ's frame_max); "
+            "keep large data in raw_request"
+        )
+    return raw_json, assigns_json
+
+
+def broker_header_limit() -> int | None:
+    """``wire.configured_header_limit`` of the current Celery app."""
+    from celery import current_app
+
+    return configured_header_limit(current_app.conf)
+
+
+#: The due times an alarm may have: what every supported database stores (MariaDB's DATETIME starts at
+#: year 1000), with room below year 9999 for a deadline and beat's load windows after it.
+EARLIEST_DUE: Final = dt.datetime(1000, 1, 1, tzinfo=dt.UTC)
+LATEST_DUE: Final = dt.datetime(9998, 12, 31, tzinfo=dt.UTC)
+
+
 def due_time(at: dt.datetime | None, in_ms: int | None, now: dt.datetime) -> dt.datetime:
     """When an alarm given ``at`` or ``in_ms`` is due; exactly one of them must be given."""
     if (at is None) == (in_ms is None):
@@ -389,15 +423,28 @@ def due_time(at: dt.datetime | None, in_ms: int | None, now: dt.datetime) -> dt.
             raise InvalidAlarm(f"at must be a datetime, got {type(at).__name__}")
         if at.tzinfo is None or at.utcoffset() is None:
             raise InvalidAlarm(f"at={at!r} is naive; pass a timezone-aware datetime (e.g. django.utils.timezone.now())")
-        return at.astimezone(dt.UTC)
+        try:
+            return _in_range(at.astimezone(dt.UTC), f"at={at!r}")
+        except OverflowError:
+            raise InvalidAlarm(f"at={at!r} is outside the years 1 to 9999 in UTC") from None
     if isinstance(in_ms, bool) or not isinstance(in_ms, int):
         raise InvalidAlarm(f"in_ms must be an integer of milliseconds, got {in_ms!r}")
     if in_ms < 0:
         raise InvalidAlarm(f"in_ms must not be negative, got {in_ms}")
     try:
-        return now + dt.timedelta(milliseconds=in_ms)
+        due = now + dt.timedelta(milliseconds=in_ms)
     except OverflowError:
         raise InvalidAlarm(f"in_ms={in_ms} is after the last time a datetime holds (year 9999)") from None
+    return _in_range(due, f"in_ms={in_ms}")
+
+
+def _in_range(due: dt.datetime, given: str) -> dt.datetime:
+    if not EARLIEST_DUE <= due <= LATEST_DUE:
+        raise InvalidAlarm(
+            f"{given} is due at {due.isoformat()}, outside the times the database stores "
+            f"({EARLIEST_DUE.date()} to {LATEST_DUE.date()} UTC)"
+        )
+    return due
 
 
 _tasks_imported: set[int] = set()
@@ -441,7 +488,16 @@ def validate_decision(decision: object, message: Message) -> Decision:
         if decision.message is not None:
             if decision.message.id != message.id:
                 raise InvalidResponse(f"Retry carries message id {decision.message.id!r}, expected {message.id!r}")
-            refuse_nul_in_json(compact_json(decision.message.to_json()), "the message of Retry")
+            try:
+                refuse_nul(decision.message.service_name, "the task name of Retry's message")
+                encode_for_storage(
+                    decision.message.with_response(None),
+                    settings.integer("MAX_PAYLOAD"),
+                    "Retry's message",
+                    broker_header_limit(),
+                )
+            except InvalidAlarm as exc:
+                raise InvalidResponse(str(exc)) from None
         return decision
     raise InvalidResponse(f"service_responded returned {decision!r}; expected OK or Retry(in_ms, message)")
 

@@ -37,7 +37,7 @@ def collect(now: dt.datetime) -> dict[str, Any]:
             "past_deadline": unanswered,
             "next_due": _iso(next_due),
         }
-    alive_after = now - dt.timedelta(milliseconds=3 * settings.positive_ms("BEAT_RECORD_INTERVAL"))
+    alive_after = now - dt.timedelta(milliseconds=3 * settings.integer("BEAT_RECORD_INTERVAL"))
     beats = [
         {
             "name": beat.name,

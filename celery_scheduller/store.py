@@ -18,8 +18,10 @@ from django.db import connection, transaction
 from django.db.models import F, Q, QuerySet
 
 from . import states
+from .exceptions import SchedullerError
 from .message import Message, Response, compact_json, from_json_value, to_json_value
 from .models import Alarm, AlarmAttempt, BeatRecord
+from .wire import AttemptRef
 
 #: The columns beat and the hooks need to rebuild a Message and address its attempt.
 ROW_FIELDS = (
@@ -37,6 +39,7 @@ ROW_FIELDS = (
     "timeout_ms",
     "deadline",
     "published_at",
+    "callback_failures",
 )
 
 
@@ -58,51 +61,8 @@ def _bound_cursor(*, binary: bool = False) -> Any:
     return connection._prepare_cursor(cursor)  # type: ignore[attr-defined]
 
 
-class ClaimConflict(Exception):
+class ClaimConflict(SchedullerError):
     """A guarded update changed fewer rows than were locked for it; the whole claim is rolled back."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class AttemptRef:
-    """Names one published attempt of one alarm: the WHERE of every response write."""
-
-    pk: int
-    message_id: str
-    scheduller: str
-    attempt: int
-    deadline: dt.datetime
-    published_at: dt.datetime | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-native form, carried in the task's headers."""
-        return {
-            "pk": self.pk,
-            "message_id": self.message_id,
-            "scheduller": self.scheduller,
-            "attempt": self.attempt,
-            "deadline": self.deadline.isoformat(),
-            "published_at": None if self.published_at is None else self.published_at.isoformat(),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AttemptRef:
-        """Inverse of ``to_json``."""
-        published_at = data.get("published_at")
-        return cls(
-            pk=int(data["pk"]),
-            message_id=str(data["message_id"]),
-            scheduller=str(data["scheduller"]),
-            attempt=int(data["attempt"]),
-            deadline=dt.datetime.fromisoformat(data["deadline"]),
-            published_at=None if published_at is None else dt.datetime.fromisoformat(published_at),
-        )
-
-    @classmethod
-    def of_row(cls, row: dict[str, Any]) -> AttemptRef:
-        """The published attempt a row fetched with ``ROW_FIELDS`` is at."""
-        return cls(
-            row["pk"], row["message_id"], row["scheduller"], row["attempt"], row["deadline"], row["published_at"]
-        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -366,7 +326,9 @@ def _claim_sql(limit: str) -> str:
     entry for its pending version behind at the start of the range, which only VACUUM removes; read
     from the beginning, a claim walks all of them (60,000 in flight, no VACUUM yet: 600 pages a claim).
     """
-    columns = ", ".join("id" if field == "pk" else field for field in ROW_FIELDS)
+    # the JSON columns as text, decoded row by row (``_claimed``): one undecodable row fails alone
+    as_text = {"pk": "id", "raw_request": "raw_request::text", "assigns": "assigns::text"}
+    columns = ", ".join(as_text.get(field, field) for field in ROW_FIELDS)
     return (
         f"UPDATE {_ALARM} SET state = %s, attempt = attempt + 1, published_at = %s, "
         "deadline = GREATEST(%s, dispatch_at) + timeout_ms * interval '1 millisecond', updated_at = %s "
@@ -409,9 +371,12 @@ def _claimed(found: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
     """The claim's returned columns as rows (``ROW_FIELDS``), earliest due first."""
     rows = [dict(zip(ROW_FIELDS, values, strict=True)) for values in found]
     for row in rows:
-        for field in ("raw_request", "assigns"):
-            if isinstance(row[field], str):  # decoded by psycopg in binary; a text-format loader leaves a str
-                row[field] = json.loads(row[field])
+        try:
+            for field in ("raw_request", "assigns"):
+                if isinstance(row[field], str):
+                    row[field] = json.loads(row[field])
+        except (ValueError, RecursionError) as exc:  # the row is failed by beat, not the claim
+            row["unreadable"] = f"{field}: {type(exc).__name__}: {exc}"
     rows.sort(key=lambda row: row["dispatch_at"])
     return rows
 
@@ -487,7 +452,7 @@ def _end(ref: AttemptRef, state: str, response: Response, now: dt.datetime, deci
     if connection.vendor == "postgresql":
         return _update_and_record(
             "state = %s, deadline = NULL, finished_at = %s, last_response = %s, updated_at = %s",
-            [state, now, json.dumps(last), now],
+            [state, now, compact_json(last), now],
             ref,
             response,
             now,
@@ -519,7 +484,7 @@ def _update_and_record(
                 ref.published_at,
                 now,
                 response.status,
-                response.error or "",
+                response.to_json()["error"] or "",
                 decision[:50],
             ],
         )
@@ -534,12 +499,14 @@ def retry(
     response: Response | None,
     now: dt.datetime,
     decision: str = "retry",
+    callback_failures: int = 0,
 ) -> bool:
-    """Store ``message`` as the alarm's next attempt at ``dispatch_at``, if ``ref`` is still current."""
+    """Store ``message`` as the alarm's next attempt at ``dispatch_at``, if ``ref`` is still current;
+    ``callback_failures``: ``service_responded``'s failures in a row so far (0 after a valid answer)."""
     if connection.vendor == "postgresql" and response is not None:
         return _update_and_record(
             "state = %s, task_name = %s, raw_request = %s, assigns = %s, dispatch_at = %s, timeout_ms = %s, "
-            "deadline = NULL, last_response = %s, updated_at = %s",
+            "deadline = NULL, last_response = %s, callback_failures = %s, updated_at = %s",
             [
                 states.PENDING,
                 message.service_name,
@@ -547,7 +514,8 @@ def retry(
                 _compact(message.assigns, "assigns"),
                 dispatch_at,
                 timeout_ms,
-                json.dumps(response.to_json()),
+                compact_json(response.to_json()),
+                callback_failures,
                 now,
             ],
             ref,
@@ -565,6 +533,7 @@ def retry(
             timeout_ms=timeout_ms,
             deadline=None,
             last_response=None if response is None else response.to_json(),
+            callback_failures=callback_failures,
             updated_at=now,
         )
         if changed and response is not None:
@@ -582,11 +551,12 @@ def retries_in_one_statement() -> bool:
 _RETRY_MANY_SQL = (
     "WITH r AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::timestamptz[], %s::text[], %s::text[], "
     "%s::text[], %s::timestamptz[], %s::int[], %s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], "
-    "%s::timestamptz[]) AS r(pk, attempt, deadline, task_name, raw_request, assigns, dispatch_at, timeout_ms, "
-    "last_response, published_at, status, error, decision, now)), "
+    "%s::timestamptz[], %s::int[]) AS r(pk, attempt, deadline, task_name, raw_request, assigns, dispatch_at, "
+    "timeout_ms, last_response, published_at, status, error, decision, now, failures)), "
     f"changed AS (UPDATE {_ALARM} a SET state = %s, task_name = r.task_name, raw_request = r.raw_request::jsonb, "
     "assigns = r.assigns::jsonb, dispatch_at = r.dispatch_at, timeout_ms = r.timeout_ms, deadline = NULL, "
-    "last_response = r.last_response::jsonb, updated_at = r.now FROM r WHERE a.id = ANY(%s::bigint[]) "
+    "last_response = r.last_response::jsonb, callback_failures = r.failures, updated_at = r.now "
+    "FROM r WHERE a.id = ANY(%s::bigint[]) "
     "AND a.id = r.pk AND a.state = %s AND a.attempt = r.attempt AND a.deadline = r.deadline "
     "RETURNING a.id, a.message_id, r.attempt, r.published_at, r.now, r.status, r.error, r.decision), "
     f"history AS (INSERT INTO {_ATTEMPT} (message_id, attempt, published_at, responded_at, status, error, decision) "
@@ -606,6 +576,7 @@ class NewAttempt:
     response: Response
     now: dt.datetime
     decision: str
+    callback_failures: int = 0
 
 
 def retry_many(retries: Sequence[NewAttempt]) -> set[int]:
@@ -613,6 +584,7 @@ def retry_many(retries: Sequence[NewAttempt]) -> set[int]:
     returns the pks of the alarms stored as retries (the others were answered, timed out or cancelled)."""
     refs = [retry.ref for retry in retries]
     pks = [ref.pk for ref in refs]
+    responses = [retry.response.to_json() for retry in retries]
     with _bound_cursor() as cursor:
         cursor.execute(
             _RETRY_MANY_SQL,
@@ -625,12 +597,13 @@ def retry_many(retries: Sequence[NewAttempt]) -> set[int]:
                 [_compact(retry.message.assigns, "assigns") for retry in retries],
                 [retry.dispatch_at for retry in retries],
                 [retry.timeout_ms for retry in retries],
-                [json.dumps(retry.response.to_json()) for retry in retries],
+                [compact_json(stored) for stored in responses],
                 [ref.published_at for ref in refs],
                 [retry.response.status for retry in retries],
-                [retry.response.error or "" for retry in retries],
+                [stored["error"] or "" for stored in responses],
                 [retry.decision[:50] for retry in retries],
                 [retry.now for retry in retries],
+                [retry.callback_failures for retry in retries],
                 states.PENDING,
                 pks,
                 states.PUBLISHED,
@@ -646,7 +619,7 @@ def _record_attempt(ref: AttemptRef, response: Response, now: dt.datetime, decis
         published_at=ref.published_at,
         responded_at=now,
         status=response.status,
-        error=response.error or "",
+        error=response.to_json()["error"] or "",
         decision=decision[:50],
     )
 
@@ -678,14 +651,9 @@ def lease_timeouts(
     return [(dataclasses.replace(AttemptRef.of_row(row), deadline=lease_until), message_from_row(row)) for row in rows]
 
 
-def published_attempt(message_id: str, attempt: int) -> tuple[AttemptRef, Message] | None:
-    """The published attempt ``attempt`` of ``message_id``, or None if it is not the current one."""
-    row = (
-        Alarm.objects.filter(message_id=message_id, attempt=attempt, state=states.PUBLISHED).values(*ROW_FIELDS).first()
-    )
-    if row is None or row["deadline"] is None:
-        return None
-    return AttemptRef.of_row(row), message_from_row(row)
+def is_current(ref: AttemptRef) -> bool:
+    """Whether ``ref`` is still the alarm's published attempt (same pk, attempt and deadline)."""
+    return _published(ref).exists()
 
 
 def cancel(
@@ -738,7 +706,13 @@ def restart(scheduller: str, message_id: str, dispatch_at: dt.datetime, now: dt.
         return False
     assigns = {**row["assigns"], "dispatch_at": to_json_value(dispatch_at)}
     changed = Alarm.objects.filter(pk=row["pk"], state=row["state"]).update(
-        state=states.PENDING, dispatch_at=dispatch_at, assigns=assigns, deadline=None, finished_at=None, updated_at=now
+        state=states.PENDING,
+        dispatch_at=dispatch_at,
+        assigns=assigns,
+        deadline=None,
+        finished_at=None,
+        callback_failures=0,
+        updated_at=now,
     )
     return changed > 0
 

@@ -21,6 +21,7 @@ Queued decisions are stored before a worker process exits normally (``stop``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -136,6 +137,15 @@ class ResponseWriter:
                         len(decisions),
                         extra={"action": "hook_error", "alarm_ids": [d.answered.id for d in decisions][:20]},
                     )
+
+
+@functools.cache
+def serves() -> bool:
+    """Whether decisions go through the process's response writer: on every database but SQLite, whose
+    single writer lock a second connection per process would only contend for."""
+    from django.db import connections
+
+    return connections["default"].vendor != "sqlite"
 
 
 def _own_connection() -> None:

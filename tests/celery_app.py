@@ -11,3 +11,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 app = Celery("tests")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["tests.testapp"])
+
+if os.environ.get("CSCHED_WORKER_TASKS"):  # the test worker: a task beat and the test process do not know
+    app.conf.imports = ("tests.testapp.worker_tasks",)

@@ -38,6 +38,7 @@ def start_worker(log: Path, *argv: str, env: dict[str, str] | None = None) -> su
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "CSCHED_DB_NAME": str(connection.settings_dict["NAME"]),
         "CSCHED_LOG": "INFO",
+        "CSCHED_WORKER_TASKS": "1",
         "PYTHONPATH": str(ROOT),
         **(env or {}),
     }

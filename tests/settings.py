@@ -103,9 +103,11 @@ CELERY_SCHEDULLER_CLASSES = [
     "tests.testapp.alarms.TestAlarms",
     "tests.testapp.alarms.BrokenAlarms",
     "tests.testapp.alarms.FaultAlarms",
+    "tests.testapp.alarms.PoisonAlarms",
 ]
 CELERY_SCHEDULLER_POLL_INTERVAL = 200
 CELERY_SCHEDULLER_ERROR_BACKOFF = 500
+CELERY_SCHEDULLER_CALLBACK_MAX_FAILURES = 4
 CELERY_SCHEDULLER_PUBLISH_AHEAD = int(os.environ.get("CSCHED_PUBLISH_AHEAD", "0"))  # the fault suite's "-ahead"
 # the fault suite's "-no-ack-emulation": kombu's Redis transport keeps no copy of delivered messages
 if os.environ.get("CSCHED_ACK_EMULATION") == "off":

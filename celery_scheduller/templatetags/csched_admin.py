@@ -23,9 +23,7 @@ FIELD = "dispatch_at"
 @register.inclusion_tag("admin/date_hierarchy.html")
 def cheap_date_hierarchy(cl: ChangeList) -> dict[str, Any]:
     """The same context as Django's ``date_hierarchy`` tag, from a MIN/MAX instead of a DISTINCT."""
-    year = str(cl.params.get(f"{FIELD}__year") or "")
-    month = str(cl.params.get(f"{FIELD}__month") or "")
-    day = str(cl.params.get(f"{FIELD}__day") or "")
+    year, month, day = period(cl.params)
 
     def link(filters: dict[str, Any]) -> str:
         remove = [f"{FIELD}__{part}" for part in ("year", "month", "day")]
@@ -72,6 +70,30 @@ def cheap_date_hierarchy(cl: ChangeList) -> dict[str, Any]:
         "show": True,
         "choices": [{"link": link({f"{FIELD}__year": y}), "title": str(y)} for y in range(first.year, last.year + 1)],
     }
+
+
+def period(params: Any) -> tuple[str, str, str]:
+    """Year, month and day of the drill-down, each "" where absent; a part without the parts above it, or
+    one that is not a valid date, is dropped with everything below it (a hand-edited URL is no error)."""
+
+    def part(name: str) -> str:
+        value = params.get(f"{FIELD}__{name}")
+        if isinstance(value, list):
+            value = value[-1] if value else ""
+        return str(value or "")
+
+    year, month, day = part("year"), part("month"), part("day")
+    for parts in ((year, month, day), (year, month, ""), (year, "", "")):
+        if not all(parts[:1]) or not all(p.isdigit() for p in parts if p):
+            continue
+        try:
+            dt.date(int(parts[0]), int(parts[1] or 1), int(parts[2] or 1))
+        except (ValueError, OverflowError):
+            continue
+        if parts[2] and not parts[1]:
+            continue
+        return parts
+    return "", "", ""
 
 
 def _days(year: int, month: int, first: dt.datetime, last: dt.datetime) -> list[dt.date]:

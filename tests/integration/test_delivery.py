@@ -78,7 +78,7 @@ def test_no_response_within_dispatch_timeout_is_a_timeout_and_the_late_result_is
     assert answer.status == "timeout"
     published = Run.objects.get(message_id="slow").started_at
     assert 0.6 <= (answer.at - published).total_seconds() < 2.0
-    assert not on_schedule("slow")
+    wait_for(lambda: not on_schedule("slow"), 5, "the timeout's answer stored")
     time.sleep(3.0)  # the task finishes now, after its deadline: its response must be ignored
     assert list(Answer.objects.filter(message_id="slow").values_list("status", flat=True)) == ["timeout"]
 

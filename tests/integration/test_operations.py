@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from celery_scheduller import Message, Response, checks, responses, signals, states, store
 from celery_scheduller.models import Alarm, AlarmAttempt, BeatRecord
-from tests.conftest import wait_for
+from tests.conftest import run_beat, wait_for
 from tests.testapp.alarms import TestAlarms
 from tests.testapp.models import Answer
 
@@ -184,23 +184,20 @@ def test_signals_follow_an_alarm(beat):
     ]
 
 
-def test_unknown_task_at_publish_marks_the_alarm_failed_and_visible(beat):
+@pytest.mark.usefixtures("worker")
+def test_a_task_no_worker_knows_reaches_service_responded_as_an_error(beat):
+    """Beat does not judge task names (a deploy may have taught workers what beat's process does not
+    know); a task no worker knows comes back as an error response, and the application decides."""
     alarms = TestAlarms()
-    saved = alarms.dispatch(Message.new("testapp.record", id="renamed"), "agg", in_ms=0)
+    alarms.dispatch(Message.new("testapp.record", id="renamed"), "agg", in_ms=0)
     # the task was renamed after the alarm was stored: rewrite the row as an older deploy left it
     Alarm.objects.filter(message_id="renamed").update(task_name="testapp.old_name")
-    beat().tick_alarms(time.time())
-    row = Alarm.objects.get(message_id="renamed")
-    assert row.state == states.FAILED
-    assert row.last_response == {
-        "status": "error",
-        "value": None,
-        "error": "UnknownTask: no Celery task named 'testapp.old_name'",
-    }
-    assert AlarmAttempt.objects.get(message_id="renamed").decision == "failed"
-    assert saved.id == "renamed"
-    assert TestAlarms().restart("renamed") is True  # an operator can put it back after fixing the name
-    assert Alarm.objects.get(message_id="renamed").state == states.PENDING
+    answer = run_beat(beat(), lambda: Answer.objects.filter(message_id="renamed").first(), 15, "the answer")
+    assert answer.status == "error"
+    assert answer.error == "NotRegistered: no task named 'testapp.old_name' on this worker"
+    assert answer.decision == "ok"
+    wait_for(lambda: Alarm.objects.filter(message_id="renamed", state=states.FINISHED).exists(), 5, "finished")
+    assert AlarmAttempt.objects.get(message_id="renamed").status == "error"
 
 
 def test_reschedule_dispatch_now_and_restart_change_only_the_states_they_name():

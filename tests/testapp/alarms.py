@@ -119,3 +119,46 @@ class AuditedAlarms(TestAlarms):
             raise ValueError(f"aggregate {aggregate_id!r} may not schedule alarms")
         type(self).saved.append((message.id, aggregate_id, message.assigns.get("dispatch_at")))
         super().save_alarm(message, aggregate_id)
+
+
+class PoisonAlarms(Scheduller):
+    """The poison suite's Scheduller: ``assigns["poison"]`` says how its ``service_responded`` misbehaves.
+
+    - ``"surrogate_retry"``: returns a Retry whose message holds a lone surrogate;
+    - ``"huge_retry"``: returns a Retry whose message is 5 MB;
+    - ``"raise"``: raises every time;
+    - ``"sleep_on_timeout"``: sleeps ``assigns["sleep"]`` seconds when answering a timeout, then OK;
+    - anything else: OK.
+
+    Each call is recorded (``Answer``) with its response in a form every database stores.
+    """
+
+    name = "poison"
+
+    def service_responded(self, message: Message) -> Any:
+        response = message.response
+        assert response is not None
+        stored = response.to_json()
+        Answer.objects.create(
+            message_id=message.id,
+            status=response.status,
+            value=stored["value"],
+            error=stored["error"],
+            assigns={"poison": message.assigns.get("poison", "")},
+            decision=message.assigns.get("poison", "ok"),
+        )
+        poison = message.assigns.get("poison")
+        if poison == "surrogate_retry":
+            return Retry(100, message.assign("note", "\ud800"))
+        if poison == "huge_retry":
+            return Retry(100, message.assign("blob", "x" * 5_000_000))
+        if poison == "raise":
+            raise RuntimeError("service_responded is broken")
+        if poison == "sleep_on_timeout" and response.status == "timeout":
+            import time
+
+            time.sleep(float(message.assigns["sleep"]))
+        return OK
+
+    def dispatch_timeout(self, message: Message) -> int:
+        return int(message.assigns.get("timeout_ms", 5_000))

@@ -133,3 +133,12 @@ def census() -> None:
     """Record how the held requests this worker process has dropped so far were freed."""
     gc.collect()
     Run.objects.create(task="census", kwargs=dict(_freed), started_at=timezone.now())
+
+
+@shared_task(name="testapp.poison_text")
+def poison_text(mode: str = "return", **kwargs: Any) -> str:
+    """Return, or raise with, text holding a NUL character (no database stores it as text)."""
+    _record("poison_text", {"mode": mode})
+    if mode == "raise":
+        raise ValueError("bad byte \x00 in the reply")
+    return "bad byte \x00 in the result"

@@ -129,9 +129,9 @@ def test_validate_decision_accepts_ok_and_retry_of_the_same_message_only():
         validate_decision("ok", message)
     with pytest.raises(InvalidResponse, match="message id 'y'"):
         validate_decision(Retry(5, Message.new("t", id="y")), message)
-    with pytest.raises(InvalidAlarm):
+    with pytest.raises(InvalidResponse, match=r"Retry's message 'x': assigns\['bad'\]: object"):
         validate_decision(Retry(5, message.assign("bad", object())), message)
-    with pytest.raises(InvalidAlarm, match="the message of Retry contains a NUL character"):
+    with pytest.raises(InvalidResponse, match="Retry's message 'x': assigns contains a NUL character"):
         validate_decision(Retry(5, message.assign("bad", "\x00")), message)
 
 

@@ -25,7 +25,7 @@ class Command(BaseCommand):
             raise CommandError("KEEP_FINISHED is not set (ended alarms are removed at once); pass --older-than.")
         if keep < dt.timedelta(0):
             raise CommandError("--older-than must not be negative")
-        limit = batch or settings.positive_ms("PRUNE_BATCH")
+        limit = batch or settings.integer("PRUNE_BATCH")
         if limit <= 0:
             raise CommandError("--batch must be positive")
         before = timezone.now() - keep

@@ -1,6 +1,5 @@
 from django.contrib import admin
 from django.urls import path
-
 from reminders.views import schedule_reminder
 
 urlpatterns = [
