@@ -78,11 +78,16 @@ def purge_broker(app: object) -> None:
     """Drop messages an earlier run left in the broker; they would run against this one."""
     import contextlib
 
+    from django.conf import settings
+
     with app.connection_for_write() as conn:  # type: ignore[attr-defined]
         if conn.transport_cls == "redis" or conn.transport.driver_type == "redis":
-            conn.default_channel.client.flushdb()
+            client = conn.default_channel.client
+            for key in client.scan_iter():  # the database is this run's (.ci/redis_db.py): all but its claim
+                if key != b"celery_scheduller:run-claim":
+                    client.delete(key)
             return
-        for queue in ("celery", "stale"):
+        for queue in (settings.CSCHED_TEST_QUEUE, settings.CSCHED_STALE_QUEUE):
             with contextlib.suppress(Exception):  # a queue nobody declared yet holds nothing
                 conn.default_channel.queue_purge(queue)
 
@@ -106,7 +111,10 @@ def worker(
 
     purge_broker(app)
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    proc = start_worker(log, "-c", "3", "-Q", "celery", "-n", f"csched-test-{os.getpid()}@%h")
+    from django.conf import settings
+
+    queue = settings.CSCHED_TEST_QUEUE
+    proc = start_worker(log, "-c", "3", "-Q", queue, "-n", f"csched-test-{os.getpid()}@%h")
     try:
         yield
     finally:

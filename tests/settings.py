@@ -96,8 +96,13 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
+# Queue names of this run (``CSCHED_QUEUE``, set per run by .ci/run): runs that share a broker, or a
+# RabbitMQ vhost, do not consume each other's tasks.
+CSCHED_TEST_QUEUE = os.environ.get("CSCHED_QUEUE", "celery")
+CSCHED_STALE_QUEUE = f"{CSCHED_TEST_QUEUE}.stale"
+CELERY_TASK_DEFAULT_QUEUE = CSCHED_TEST_QUEUE
 # tasks the default worker does not consume, for the stale-attempt test
-CELERY_TASK_ROUTES = {"testapp.stale": {"queue": "stale"}}
+CELERY_TASK_ROUTES = {"testapp.stale": {"queue": CSCHED_STALE_QUEUE}}
 
 CELERY_SCHEDULLER_CLASSES = [
     "tests.testapp.alarms.TestAlarms",

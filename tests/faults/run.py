@@ -43,8 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DB_NAME = "csched_faults"
-BROKERS = {"redis": "redis://127.0.0.1:6379/12", "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//"}
+RUN = os.environ.get("CSCHED_RUN", "local")
+DB_NAME = f"csched_faults_{RUN}"
+BROKERS = {
+    "redis": f"redis://127.0.0.1:6379/{os.environ.get('CSCHED_REDIS_DB', '12')}",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
+}
 
 
 @dataclass
@@ -265,11 +269,14 @@ def purge_broker(broker: str) -> None:
     from kombu import Connection
 
     with Connection(BROKERS[broker]) as conn:
-        if broker == "redis":
-            conn.default_channel.client.flushdb()
+        if broker == "redis":  # the run's own database (.ci/redis_db.py): everything but its claim
+            client = conn.default_channel.client
+            for key in client.scan_iter():
+                if key != b"celery_scheduller:run-claim":
+                    client.delete(key)
         else:
             with contextlib.suppress(Exception):  # the queue does not exist yet
-                conn.default_channel.queue_purge("celery")
+                conn.default_channel.queue_purge(os.environ.get("CSCHED_QUEUE", "celery"))
 
 
 def scenario(broker: str, fault: str, alarms: int, spread: float, drain: float) -> dict[str, object]:
@@ -435,7 +442,20 @@ def main() -> int:
     parser.add_argument("--fault", choices=sorted(FAULTS), action="append")
     parser.add_argument("--alarms", type=int)
     parser.add_argument("--spread", type=float)
+    parser.add_argument(
+        "--restart-services",
+        action="store_true",
+        help="run although the faults stop and restart this machine's PostgreSQL, Redis and RabbitMQ",
+    )
     args = parser.parse_args()
+    print(
+        "The fault suite kills beats and workers, and stops and restarts this machine's PostgreSQL, Redis and "
+        "RabbitMQ: everything else using them sees the outages.",
+        flush=True,
+    )
+    if os.environ.get("CI") != "true" and not args.restart_services:
+        print("Not run: set CI=true (as .ci/run does) or pass --restart-services.", file=sys.stderr)
+        return 2
     brokers = args.broker or sorted(BROKERS)
     faults = args.fault or list(FAULTS)
     alarms = args.alarms or (1_000 if args.short else 20_000)

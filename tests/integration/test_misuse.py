@@ -138,7 +138,7 @@ def test_a_timed_out_attempt_redelivered_late_does_not_run_next_to_its_retry(bea
     from tests.celery_app import app
 
     with app.connection_for_write() as conn:  # RabbitMQ drops messages routed to a queue nobody declared
-        app.amqp.queues["stale"].bind(conn.default_channel).declare()
+        app.amqp.queues[settings.CSCHED_STALE_QUEUE].bind(conn.default_channel).declare()
     TestAlarms().dispatch(message, "agg", in_ms=0)
     scheduler = beat()
     run_beat(
@@ -149,7 +149,9 @@ def test_a_timed_out_attempt_redelivered_late_does_not_run_next_to_its_retry(bea
     )
     # this alarm's answers: a task an earlier test left in the default queue may answer its own meanwhile
     assert list(Answer.objects.filter(message_id="stale-1").values_list("status", flat=True)) == ["timeout"]
-    late_worker = start_worker(tmp_path / "stale.log", "-c", "2", "-Q", "stale", "-n", "csched-stale@%h")
+    late_worker = start_worker(
+        tmp_path / "stale.log", "-c", "2", "-Q", settings.CSCHED_STALE_QUEUE, "-n", "csched-stale@%h"
+    )
     try:
         run = wait_for(lambda: Run.objects.filter(message_id="stale-1").first(), 15, "the retry to run")
         time.sleep(1.5)  # attempt 1, if it were to run, would have by now
