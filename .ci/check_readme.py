@@ -1,4 +1,5 @@
-"""The README's local links and the files it names exist; its two commands are the ones CI runs."""
+"""The README's local links and the files it names exist; its two commands are the ones CI runs; its
+quickstart is the files CI runs in a new project (docs/quickstart); it stays a front page."""
 
 from __future__ import annotations
 
@@ -28,6 +29,20 @@ def main() -> int:
         problems.append("the test command block `.ci/run` is missing")
     if not any("example_project/manage.py demo" in block for block in blocks):
         problems.append("the demo command block is missing")
+    for path in sorted((ROOT / "docs" / "quickstart").rglob("*.py")):
+        code = path.read_text().strip()
+        if code and f"```python\n{code}\n```" not in text:
+            problems.append(f"the quickstart's {path.relative_to(ROOT)} is not in the README as it is")
+    lines = text.count("\n")
+    if lines > 300:
+        problems.append(f"{lines} lines: a front page has at most 300")
+    for pattern, what in (
+        (r"`[0-9a-f]{7,40}`", "a commit hash"),
+        (r"\bissue \d+|#\d{2,}\b", "an issue number"),
+        (r"shared/CONTRACT|planning folder", "a file outside the repository"),
+    ):
+        if re.search(pattern, text):
+            problems.append(f"names {what}")
     for problem in problems:
         print(problem)
     print(f"README checked: {len(problems)} problem(s)")

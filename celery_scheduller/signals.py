@@ -9,7 +9,9 @@ breaks beat or the worker.
   ``alarm_responded`` for the same timeout.
 - ``alarm_retried(message, attempt, dispatch_at)``: ``Retry`` (or an error back-off) stored the next attempt.
 - ``alarm_finished(message, attempt)``: ``OK``: the alarm ended.
-- ``alarm_failed(message, attempt, reason)``: the alarm cannot be delivered (e.g. its task is unknown).
+- ``alarm_failed(message, attempt, reason)``: the alarm ended ``failed``: its stored message cannot be read
+  or published, its answer cannot be stored, or ``service_responded`` failed CALLBACK_MAX_FAILURES times
+  in a row. ``message`` is None where the stored message could not be read.
 - ``alarm_cancelled(message_ids)``: alarms were cancelled.
 """
 

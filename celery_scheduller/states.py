@@ -48,3 +48,17 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "restart": ENDED,
     "prune": ENDED,
 }
+
+#: For each transition, the state it ends in (None: the row is removed).
+TARGETS: dict[str, str | None] = {
+    "claim": PUBLISHED,
+    "release": PENDING,
+    "finish": FINISHED,
+    "retry": PENDING,
+    "lease_timeout": PUBLISHED,
+    "fail": FAILED,
+    "cancel": CANCELLED,
+    "reschedule": PENDING,
+    "restart": PENDING,
+    "prune": None,
+}
