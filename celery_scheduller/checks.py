@@ -23,7 +23,8 @@ def _check_broker() -> list[CheckMessage]:
     from .wire import configured_header_limit
 
     fits = configured_header_limit(_celery_conf())
-    if fits is None:
+    if fits is None or not hasattr(django_settings, f"{PREFIX}MAX_PAYLOAD"):
+        # the default: raw_request travels in the body, and larger assigns are refused at dispatch
         return []
     try:
         payload = settings.integer("MAX_PAYLOAD")

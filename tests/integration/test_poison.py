@@ -335,3 +335,18 @@ def test_pickle_allowed_on_the_celery_app_itself_is_reported():
     finally:
         app.conf.accept_content = before
     assert "celery_scheduller.E001" in found
+
+
+def test_a_max_payload_set_beyond_what_a_rabbitmq_header_carries_is_reported():
+    from tests.celery_app import app
+
+    before = app.conf.broker_url
+    app.conf.broker_url = "amqp://guest:guest@127.0.0.1:5672//"
+    try:
+        with override_settings(CELERY_SCHEDULLER_MAX_PAYLOAD=200_000):
+            found = [m for m in checks.run_checks() if m.id == "celery_scheduller.W002"]
+        with override_settings(CELERY_SCHEDULLER_MAX_PAYLOAD=100_000):
+            fits = [m for m in checks.run_checks() if m.id == "celery_scheduller.W002"]
+    finally:
+        app.conf.broker_url = before
+    assert len(found) == 1 and "122,880 bytes" in found[0].msg and not fits
