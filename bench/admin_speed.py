@@ -4,7 +4,8 @@
 
 Creates (and drops first) the database ``csched_bench``, migrates it, fills it with ``--rows`` alarms
 in one statement, then requests each page five times with Django's test client as a superuser and
-prints the median and worst time and the number of queries. Needs PostgreSQL on 127.0.0.1:5432.
+prints the median and worst time and the number of queries. Needs PostgreSQL on 127.0.0.1:5432. The goal:
+every page under 300 ms.
 """
 
 from __future__ import annotations
@@ -22,16 +23,35 @@ os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
 os.environ["CSCHED_DB"] = "postgres"
 os.environ["CSCHED_DB_NAME"] = "csched_bench"
 
-PAGES = [
-    ("changelist", "/admin/celery_scheduller/alarm/"),
-    ("filter state=pending", "/admin/celery_scheduller/alarm/?state__exact=pending"),
-    ("filter failed + Scheduller", "/admin/celery_scheduller/alarm/?state__exact=failed&scheduller=tests"),
-    ("filter overdue", "/admin/celery_scheduller/alarm/?late=overdue"),
-    ("search aggregate", "/admin/celery_scheduller/alarm/?q=order-42"),
-    ("date hierarchy: a month", "/admin/celery_scheduller/alarm/?dispatch_at__month=12&dispatch_at__year=2026"),
-    ("sort by aggregate", "/admin/celery_scheduller/alarm/?o=4"),
-    ("change page", None),
-]
+
+def pages() -> list[tuple[str, str | None]]:
+    """Every page an operator opens first; the fill spreads alarms over the next 30 days from now."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+    base = "/admin/celery_scheduller/alarm/"
+    year, month = f"dispatch_at__year={now.year}", f"dispatch_at__month={now.month}"
+    return [
+        ("changelist (on the schedule, soonest first)", base),
+        ("filter status=pending", f"{base}?status=pending"),
+        ("filter status=failed + Scheduller", f"{base}?status=failed&scheduller=tests"),
+        ("filter status=finished", f"{base}?status=finished"),
+        ("filter status=failing", f"{base}?status=failing"),
+        ("filter status=all", f"{base}?status=all"),
+        ("filter overdue", f"{base}?late=overdue"),
+        ("filter unanswered", f"{base}?late=unanswered"),
+        ("filter task", f"{base}?task=testapp.record"),
+        ("search id, one match", f"{base}?q=bulk-500000"),
+        ("search aggregate, 20 matches", f"{base}?q=order-42"),
+        ("search correlation id, one match", f"{base}?q=corr-777"),
+        ("search, no match", f"{base}?q=nothing-here"),
+        ("search aggregate, history included", f"{base}?q=order-42&status=all"),
+        ("date drill-down: a year", f"{base}?{year}"),
+        ("date drill-down: a month", f"{base}?{year}&{month}"),
+        ("date drill-down: a day", f"{base}?{year}&{month}&dispatch_at__day={now.day}"),
+        ("sort by aggregate", f"{base}?o=4"),
+        ("change page", None),
+    ]
 
 
 def main() -> None:
@@ -68,7 +88,7 @@ def main() -> None:
 
     print(f"\n| page ({args.rows:,} rows) | median ms | worst ms | queries |")
     print("|---|---|---|---|")
-    for label, url in PAGES:
+    for label, url in pages():
         url = url or f"/admin/celery_scheduller/alarm/{some}/change/"
         times = []
         for _ in range(5):

@@ -25,6 +25,7 @@ from django.utils.html import format_html, format_html_join
 
 from . import registry, states
 from .exceptions import SchedullerError
+from .message import DATETIME_TAG
 from .models import Alarm, AlarmAttempt
 from .scheduller import Scheduller, known_tasks
 
@@ -80,6 +81,45 @@ class TaskFilter(admin.SimpleListFilter):
         return queryset.filter(task_name=self.value()) if self.value() else queryset
 
 
+class StatusFilter(admin.SimpleListFilter):
+    """What the operator asks first: what is on the schedule (the default), what is failing, each state."""
+
+    title = "status"
+    parameter_name = "status"
+    ALL = "all"
+    FAILING = "failing"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [
+            (self.FAILING, "failing (retried after an error or a timeout)"),
+            *((state, state) for state, _label in states.CHOICES),
+            (self.ALL, "all, history included"),
+        ]
+
+    def choices(self, changelist: Any) -> Iterator[Any]:
+        yield {
+            "selected": self.value() is None,
+            "query_string": changelist.get_query_string(remove=[self.parameter_name]),
+            "display": "on the schedule (pending, published)",
+        }
+        for lookup, title in self.lookup_choices:
+            yield {
+                "selected": self.value() == str(lookup),
+                "query_string": changelist.get_query_string({self.parameter_name: lookup}),
+                "display": title,
+            }
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Alarm]) -> QuerySet[Alarm]:
+        value = self.value()
+        if value == self.ALL:
+            return queryset
+        if value == self.FAILING:
+            return queryset.filter(failing=True, state__in=states.ACTIVE)
+        if value in {state for state, _label in states.CHOICES}:
+            return queryset.filter(state=value)
+        return queryset.filter(state__in=states.ACTIVE)
+
+
 class LateFilter(admin.SimpleListFilter):
     """Pending alarms whose time has passed, and published attempts past their deadline."""
 
@@ -117,29 +157,41 @@ class RescheduleForm(forms.Form):
 
 
 def _pretty(value: Any) -> str:
-    return format_html("<pre class='csched-json'>{}</pre>", json.dumps(value, indent=2, sort_keys=True))
+    """Stored JSON as an operator reads it: indented, datetimes as ISO 8601 text, not their stored tag."""
+    readable = _readable(value)
+    return format_html("<pre class='csched-json'>{}</pre>", json.dumps(readable, indent=2, sort_keys=True))
+
+
+def _seconds(moment: dt.datetime | None) -> str:
+    """A time as the admin shows it: UTC, to the second (to the millisecond where that is not .000)."""
+    if moment is None:
+        return "—"
+    moment = moment.astimezone(dt.UTC)
+    millis = moment.microsecond // 1000
+    return f"{moment:%Y-%m-%d %H:%M:%S}" + (f".{millis:03d}" if millis else "")
+
+
+def _readable(value: Any) -> Any:
+    if isinstance(value, dict):
+        if len(value) == 1 and DATETIME_TAG in value:
+            return value[DATETIME_TAG]
+        return {key: _readable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_readable(item) for item in value]
+    return value
 
 
 @admin.register(Alarm)
 class AlarmAdmin(_AlarmAdminBase):
     """Read-only alarms with actions that go through the Scheduller API."""
 
-    list_display = (
-        "message_id",
-        "scheduller",
-        "task_name",
-        "aggregate_id",
-        "dispatch_at",
-        "state",
-        "attempt",
-        "last_status",
-        "updated_at",
-    )
-    list_filter = ("state", LateFilter, SchedullerFilter, TaskFilter)
+    list_display = ("message_id", "scheduller", "task_name", "aggregate_id", "due", "state", "attempt", "last_status")
+    list_filter = (StatusFilter, LateFilter, SchedullerFilter, TaskFilter)
     search_fields = ("=message_id", "=aggregate_id", "=correlation_id")
     search_help_text = "An exact message id, aggregate id or correlation id."
     date_hierarchy = "dispatch_at"
-    ordering = ("-dispatch_at",)
+    # what comes next first: the overdue on top, then the soonest due
+    ordering = ("dispatch_at",)
     # only columns an index can sort at a million rows
     sortable_by = ("message_id", "aggregate_id", "dispatch_at")
     list_per_page = 100
@@ -148,8 +200,21 @@ class AlarmAdmin(_AlarmAdminBase):
     paginator = CappedPaginator
     actions = ("dispatch_now", "cancel", "reschedule", "restart")
     fieldsets = (
-        (None, {"fields": ("message_id", "scheduller", "task_name", "aggregate_id", "state", "attempt")}),
-        ("Timing", {"fields": ("dispatch_at", "published_at", "deadline", "finished_at", "created_at", "updated_at")}),
+        (
+            None,
+            {
+                "fields": (
+                    "message_id",
+                    "scheduller",
+                    "task_name",
+                    "aggregate_id",
+                    "state",
+                    "attempt",
+                    "callback_failures",
+                )
+            },
+        ),
+        ("Timing (UTC)", {"fields": ("due", "published", "deadline_s", "finished", "created", "updated")}),
         ("Message", {"fields": ("correlation_id", "causation_id", "raw_request_pretty", "assigns_pretty")}),
         ("Responses", {"fields": ("last_response_pretty", "attempt_history")}),
     )
@@ -176,7 +241,7 @@ class AlarmAdmin(_AlarmAdminBase):
                 query.pop(name, None)
                 if valid[name]:
                     query[name] = valid[name]
-            request.GET = query
+            request.GET = query  # type: ignore[assignment]
         return super().changelist_view(request, extra_context)
 
     def get_readonly_fields(self, request: HttpRequest, obj: Alarm | None = None) -> list[str]:
@@ -193,6 +258,7 @@ class AlarmAdmin(_AlarmAdminBase):
             raise PermissionDenied("alarms change through the actions, not by editing fields")
         context = {
             **(extra_context or {}),
+            "title": "View alarm",
             "show_save": False,
             "show_save_and_continue": False,
             "show_save_and_add_another": False,
@@ -203,10 +269,38 @@ class AlarmAdmin(_AlarmAdminBase):
     def has_delete_permission(self, request: HttpRequest, obj: Alarm | None = None) -> bool:
         return False  # the cancel action removes alarms, through the API
 
-    @admin.display(description="last response")
+    @admin.display(description="due (UTC)", ordering="dispatch_at")
+    def due(self, obj: Alarm) -> str:
+        return _seconds(obj.dispatch_at)
+
+    @admin.display(description="published")
+    def published(self, obj: Alarm) -> str:
+        return _seconds(obj.published_at)
+
+    @admin.display(description="deadline")
+    def deadline_s(self, obj: Alarm) -> str:
+        return _seconds(obj.deadline)
+
+    @admin.display(description="ended")
+    def finished(self, obj: Alarm) -> str:
+        return _seconds(obj.finished_at)
+
+    @admin.display(description="created")
+    def created(self, obj: Alarm) -> str:
+        return _seconds(obj.created_at)
+
+    @admin.display(description="last change")
+    def updated(self, obj: Alarm) -> str:
+        return _seconds(obj.updated_at)
+
+    @admin.display(description="last answer")
     def last_status(self, obj: Alarm) -> str:
         response = obj.last_response or {}
-        return str(response.get("status", "—"))
+        status = str(response.get("status", "—"))
+        error = str(response.get("error") or "")
+        if obj.callback_failures:
+            error = f"service_responded failed {obj.callback_failures}× · {error}"
+        return f"{status}: {error[:60]}{'…' if len(error) > 60 else ''}" if error else status
 
     @admin.display(description="raw request")
     def raw_request_pretty(self, obj: Alarm) -> str:

@@ -34,6 +34,9 @@ class Alarm(models.Model):
     #: ``service_responded`` failures in a row (raised, returned garbage, overran its budget); at
     #: CALLBACK_MAX_FAILURES the alarm is failed. Any valid answer sets it back to 0.
     callback_failures = models.PositiveIntegerField(default=0, db_default=0)
+    #: The alarm was retried after an error, a timeout or a failed ``service_responded``: the admin's
+    #: "failing" view. Set by every retry, so it describes the latest answer.
+    failing = models.BooleanField(default=False, db_default=False)
     #: When the alarm ended (finished, failed or cancelled); kept rows are pruned after KEEP_FINISHED.
     finished_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -56,6 +59,8 @@ class Alarm(models.Model):
             models.Index(fields=["finished_at", "state"], name="csched_finished_state"),
             # the admin's Scheduller filter and the status command's counts
             models.Index(fields=["scheduller", "state", "dispatch_at"], name="csched_owner_state_due"),
+            # the admin's "failing" view: the few failing alarms, soonest first
+            models.Index(fields=["failing", "state", "dispatch_at"], name="csched_failing"),
         ]
 
     def __str__(self) -> str:

@@ -506,7 +506,7 @@ def retry(
     if connection.vendor == "postgresql" and response is not None:
         return _update_and_record(
             "state = %s, task_name = %s, raw_request = %s, assigns = %s, dispatch_at = %s, timeout_ms = %s, "
-            "deadline = NULL, last_response = %s, callback_failures = %s, updated_at = %s",
+            "deadline = NULL, last_response = %s, callback_failures = %s, failing = %s, updated_at = %s",
             [
                 states.PENDING,
                 message.service_name,
@@ -516,6 +516,7 @@ def retry(
                 timeout_ms,
                 compact_json(response.to_json()),
                 callback_failures,
+                _failing(response, callback_failures),
                 now,
             ],
             ref,
@@ -534,11 +535,17 @@ def retry(
             deadline=None,
             last_response=None if response is None else response.to_json(),
             callback_failures=callback_failures,
+            failing=_failing(response, callback_failures),
             updated_at=now,
         )
         if changed and response is not None:
             _record_attempt(ref, response, now, decision)
     return changed > 0
+
+
+def _failing(response: Response | None, callback_failures: int) -> bool:
+    """Whether a retry after ``response`` leaves the alarm failing (the admin's view)."""
+    return callback_failures > 0 or (response is not None and response.status != "ok")
 
 
 def retries_in_one_statement() -> bool:
@@ -551,11 +558,12 @@ def retries_in_one_statement() -> bool:
 _RETRY_MANY_SQL = (
     "WITH r AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::timestamptz[], %s::text[], %s::text[], "
     "%s::text[], %s::timestamptz[], %s::int[], %s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], "
-    "%s::timestamptz[], %s::int[]) AS r(pk, attempt, deadline, task_name, raw_request, assigns, dispatch_at, "
-    "timeout_ms, last_response, published_at, status, error, decision, now, failures)), "
+    "%s::timestamptz[], %s::int[], %s::bool[]) AS r(pk, attempt, deadline, task_name, raw_request, assigns, "
+    "dispatch_at, timeout_ms, last_response, published_at, status, error, decision, now, failures, failing)), "
     f"changed AS (UPDATE {_ALARM} a SET state = %s, task_name = r.task_name, raw_request = r.raw_request::jsonb, "
     "assigns = r.assigns::jsonb, dispatch_at = r.dispatch_at, timeout_ms = r.timeout_ms, deadline = NULL, "
-    "last_response = r.last_response::jsonb, callback_failures = r.failures, updated_at = r.now "
+    "last_response = r.last_response::jsonb, callback_failures = r.failures, failing = r.failing, "
+    "updated_at = r.now "
     "FROM r WHERE a.id = ANY(%s::bigint[]) "
     "AND a.id = r.pk AND a.state = %s AND a.attempt = r.attempt AND a.deadline = r.deadline "
     "RETURNING a.id, a.message_id, r.attempt, r.published_at, r.now, r.status, r.error, r.decision), "
@@ -604,6 +612,7 @@ def retry_many(retries: Sequence[NewAttempt]) -> set[int]:
                 [retry.decision[:50] for retry in retries],
                 [retry.now for retry in retries],
                 [retry.callback_failures for retry in retries],
+                [_failing(retry.response, retry.callback_failures) for retry in retries],
                 states.PENDING,
                 pks,
                 states.PUBLISHED,
@@ -712,6 +721,7 @@ def restart(scheduller: str, message_id: str, dispatch_at: dt.datetime, now: dt.
         deadline=None,
         finished_at=None,
         callback_failures=0,
+        failing=False,
         updated_at=now,
     )
     return changed > 0

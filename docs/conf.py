@@ -81,23 +81,44 @@ def _state_diagram(out: Path) -> None:
             (x0, y0), (x1, y1) = where[start], where[end]
             arrow = {"arrowstyle": "-|>", "shrinkA": 24, "shrinkB": 24, "color": "#4a5568", "lw": 1}
             if start == end:  # a loop above the node
-                ax.annotate("", xy=(x0 + 0.5, y0 + 0.3), xytext=(x0 - 0.5, y0 + 0.3),
-                            arrowprops={**arrow, "shrinkA": 0, "shrinkB": 0, "connectionstyle": "arc3,rad=-1.6"})
+                ax.annotate(
+                    "",
+                    xy=(x0 + 0.5, y0 + 0.3),
+                    xytext=(x0 - 0.5, y0 + 0.3),
+                    arrowprops={**arrow, "shrinkA": 0, "shrinkB": 0, "connectionstyle": "arc3,rad=-1.6"},
+                )
                 lx, ly = x0, y0 + 1.25
             else:
                 pair = frozenset((start, end))
                 n = seen.get(pair, 0)
                 seen[pair] = n + 1
                 rad = 0.12 + 0.14 * n
-                ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                            arrowprops={**arrow, "connectionstyle": f"arc3,rad={rad}"})
+                ax.annotate(
+                    "", xy=(x1, y1), xytext=(x0, y0), arrowprops={**arrow, "connectionstyle": f"arc3,rad={rad}"}
+                )
                 dx, dy = x1 - x0, y1 - y0
                 lx, ly = (x0 + x1) / 2 + 0.5 * rad * dy, (y0 + y1) / 2 - 0.5 * rad * dx
-            ax.text(lx, ly, name, ha="center", va="center", fontsize=8, color="#1a202c",
-                    bbox={"boxstyle": "round,pad=0.12", "fc": "white", "ec": "none", "alpha": 0.9})
+            ax.text(
+                lx,
+                ly,
+                name,
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="#1a202c",
+                bbox={"boxstyle": "round,pad=0.12", "fc": "white", "ec": "none", "alpha": 0.9},
+            )
     for state, (x, y) in where.items():
-        ax.text(x, y, state or "(removed)", ha="center", va="center", fontsize=10, weight="bold",
-                bbox={"boxstyle": "round,pad=0.5", "fc": "#ebf4ff" if state else "#f7fafc", "ec": "#2b6cb0"})
+        ax.text(
+            x,
+            y,
+            state or "(removed)",
+            ha="center",
+            va="center",
+            fontsize=10,
+            weight="bold",
+            bbox={"boxstyle": "round,pad=0.5", "fc": "#ebf4ff" if state else "#f7fafc", "ec": "#2b6cb0"},
+        )
     ax.set_xlim(-1.5, 15.5)
     ax.set_ylim(-4.2, 4.2)
     ax.axis("off")

@@ -31,7 +31,7 @@ class OrderAlarms(Scheduller):
         Event.objects.create(
             order_id=order_id,
             kind="retry scheduled",
-            detail=f"{message.service_name}: {response.status} {response.error or ''}; again in {wait_ms} ms",
+            detail=f"{message.service_name}: {response.error or response.status}; again in {wait_ms} ms",
         )
         return Retry(wait_ms, message.assign("tries", tries + 1))
 

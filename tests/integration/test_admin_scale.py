@@ -12,8 +12,10 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 PAGES = [
     "/admin/celery_scheduller/alarm/",
-    "/admin/celery_scheduller/alarm/?state__exact=pending",
-    "/admin/celery_scheduller/alarm/?state__exact=failed&scheduller=tests",
+    "/admin/celery_scheduller/alarm/?status=pending",
+    "/admin/celery_scheduller/alarm/?status=failed&scheduller=tests",
+    "/admin/celery_scheduller/alarm/?status=failing",
+    "/admin/celery_scheduller/alarm/?status=all",
     "/admin/celery_scheduller/alarm/?task=testapp.record&late=overdue",
     "/admin/celery_scheduller/alarm/?q=order-42",
     "/admin/celery_scheduller/alarm/?q=bulk-99999",
@@ -43,7 +45,7 @@ def test_changelist_queries_are_bounded_at_100k_rows(admin_client):
         assert len(statements) <= 12, (url, statements)
         counts = [s for s in statements if "COUNT(" in s or "DISTINCT" in s]
         assert counts == [], (url, counts)
-    page = admin_client.get("/admin/celery_scheduller/alarm/?q=order-42")
+    page = admin_client.get("/admin/celery_scheduller/alarm/?q=order-42&status=all")
     assert page.content.count(b'class="action-select"') == 2  # order-42 and order-50042
 
 
@@ -59,3 +61,22 @@ def test_change_page_shows_the_message_pretty_printed(admin_client):
     assert b'name="_save"' not in page.content  # read-only: no save buttons
     assert admin_client.post(page.request["PATH_INFO"], {"state": "cancelled"}).status_code == 403
     assert Alarm.objects.get(message_id="pretty").state == "pending"
+
+
+def test_the_change_page_is_titled_as_a_view_and_shows_times_to_the_second_and_readable_json(admin_client):
+    import datetime as dt
+
+    from celery_scheduller import Message
+    from celery_scheduller.models import Alarm
+    from tests.testapp.alarms import TestAlarms
+
+    at = dt.datetime(2031, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
+    message = Message.new("testapp.record", id="readable").assign("when", at)
+    TestAlarms().dispatch(message, "agg", at=at)
+    page = admin_client.get(f"/admin/celery_scheduller/alarm/{Alarm.objects.get(message_id='readable').pk}/change/")
+    content = page.content.decode()
+    assert "| View alarm |" in content and "Change alarm" not in content
+    assert "2031-05-06 07:08:09" in content
+    assert "&quot;when&quot;: &quot;2031-05-06T07:08:09+00:00&quot;" in content and "$datetime" not in content
+    listing = admin_client.get("/admin/celery_scheduller/alarm/").content.decode()
+    assert "2031-05-06 07:08:09" in listing
