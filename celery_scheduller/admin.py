@@ -185,7 +185,8 @@ def _readable(value: Any) -> Any:
 class AlarmAdmin(_AlarmAdminBase):
     """Read-only alarms with actions that go through the Scheduller API."""
 
-    list_display = ("message_id", "scheduller", "task_name", "aggregate_id", "due", "state", "attempt", "last_status")
+    # fits a laptop screen: the Scheduller is a filter, not a column
+    list_display = ("message_id", "task_name", "aggregate_id", "due", "state", "attempt", "last_status")
     list_filter = (StatusFilter, LateFilter, SchedullerFilter, TaskFilter)
     search_fields = ("=message_id", "=aggregate_id", "=correlation_id")
     search_help_text = "An exact message id, aggregate id or correlation id."
@@ -242,7 +243,7 @@ class AlarmAdmin(_AlarmAdminBase):
                 if valid[name]:
                     query[name] = valid[name]
             request.GET = query  # type: ignore[assignment]
-        return super().changelist_view(request, extra_context)
+        return super().changelist_view(request, {"title": "Alarms", **(extra_context or {})})
 
     def get_readonly_fields(self, request: HttpRequest, obj: Alarm | None = None) -> list[str]:
         return [str(name) for _, options in self.fieldsets for name in options["fields"]]
@@ -271,7 +272,7 @@ class AlarmAdmin(_AlarmAdminBase):
 
     @admin.display(description="due (UTC)", ordering="dispatch_at")
     def due(self, obj: Alarm) -> str:
-        return _seconds(obj.dispatch_at)
+        return format_html('<span style="white-space: nowrap">{}</span>', _seconds(obj.dispatch_at))
 
     @admin.display(description="published")
     def published(self, obj: Alarm) -> str:

@@ -1,6 +1,6 @@
 """Save a screenshot of the alarm admin of a running demo (``manage.py demo``) to docs/admin.png.
 
-    python docs/admin_screenshot.py [--url http://127.0.0.1:8000] [--query "?state__exact=pending"]
+    python docs/admin_screenshot.py [--url http://127.0.0.1:8000] [--query "?status=failing"]
 
 Uses Debian's chromium (/usr/bin/chromium) through Playwright; logs in as the demo user.
 """
@@ -23,7 +23,9 @@ def main() -> None:
         browser = playwright.chromium.launch(
             executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-background-networking"]
         )
-        page = browser.new_page(viewport={"width": 1500, "height": 950})
+        page = browser.new_page(viewport={"width": 1366, "height": 860})  # a laptop screen
+        page.goto(f"{args.url}/admin/login/")
+        page.evaluate("localStorage.setItem('django.admin.navSidebarIsOpen', 'false')")
         page.goto(f"{args.url}/admin/login/?next=/admin/celery_scheduller/alarm/{args.query}")
         page.fill("#id_username", "demo")
         page.fill("#id_password", "demo")
