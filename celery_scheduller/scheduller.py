@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Final, final
 
+from asgiref.sync import sync_to_async
 from django.db import transaction
 
 from . import registry
@@ -298,6 +299,48 @@ class Scheduller:
         if cancelled:
             signals.send(signals.alarm_cancelled, name, message_ids=cancelled)
         return cancelled
+
+    # -- the same calls for async views ----------------------------------------------------------------
+    # Each runs its synchronous twin in Django's thread for sync code (``sync_to_async``, thread-sensitive):
+    # the same checks, the same database connection, and so the same transaction as the caller's other
+    # database work done through ``sync_to_async``.
+
+    async def adispatch(
+        self,
+        message: Message,
+        aggregate_id: str,
+        *,
+        at: dt.datetime | None = None,
+        in_ms: int | None = None,
+        now: dt.datetime | None = None,
+    ) -> Message:
+        """``dispatch`` for async code."""
+        return await sync_to_async(self.dispatch)(message, aggregate_id, at=at, in_ms=in_ms, now=now)
+
+    async def adispatch_many(
+        self, alarms: Iterable[tuple[Message, str, dt.datetime]], *, now: dt.datetime | None = None
+    ) -> list[Message]:
+        """``dispatch_many`` for async code."""
+        return await sync_to_async(self.dispatch_many)(list(alarms), now=now)
+
+    async def acancel(self, message_id: str, *, now: dt.datetime | None = None) -> bool:
+        """``cancel`` for async code."""
+        return await sync_to_async(self.cancel)(message_id, now=now)
+
+    async def acancel_aggregate(self, aggregate_id: str, *, now: dt.datetime | None = None) -> int:
+        """``cancel_aggregate`` for async code."""
+        return await sync_to_async(self.cancel_aggregate)(aggregate_id, now=now)
+
+    async def areschedule(
+        self,
+        message_id: str,
+        *,
+        at: dt.datetime | None = None,
+        in_ms: int | None = None,
+        now: dt.datetime | None = None,
+    ) -> bool:
+        """``reschedule`` for async code."""
+        return await sync_to_async(self.reschedule)(message_id, at=at, in_ms=in_ms, now=now)
 
     # -- internals ---------------------------------------------------------------------------------
 
