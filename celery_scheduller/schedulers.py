@@ -1,4 +1,9 @@
-"""The beat shell: ``celery beat -S celery_scheduller.schedulers:AlarmScheduler`` (alias ``-S celery_scheduller``)."""
+"""The beat shell: ``celery beat -S celery_scheduller.schedulers:AlarmScheduler`` (alias ``-S celery_scheduller``).
+
+``AlarmScheduler`` runs the alarms beside Celery's own ``beat_schedule``; ``AlarmDatabaseScheduler`` runs them
+beside django-celery-beat's ``PeriodicTask`` rows (``-S celery_scheduller.schedulers:AlarmDatabaseScheduler``,
+with the ``beat`` extra installed and ``django_celery_beat`` in ``INSTALLED_APPS``).
+"""
 
 from __future__ import annotations
 
@@ -47,13 +52,13 @@ def _log_header_limit(broker: Any) -> None:
         )
 
 
-class AlarmScheduler(PersistentScheduler):
-    """A beat scheduler that delivers alarms and also runs the project's ``beat_schedule`` entries.
+class AlarmSide:
+    """The alarm side of a beat scheduler, mixed in before a Celery scheduler class that runs the periodic
+    entries. The alarm side reads the clock once per tick; a database or broker error is logged and retried
+    after ``ERROR_PAUSE`` seconds, never ending the loop."""
 
-    Periodic entries behave exactly as with Celery's default scheduler (their last run times are kept
-    in ``beat_schedule_filename``). The alarm side reads the clock once per tick; a database or broker
-    error is logged and retried after ``ERROR_PAUSE`` seconds, never ending the loop.
-    """
+    app: Any
+    Producer: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _ensure_django()
@@ -70,7 +75,7 @@ class AlarmScheduler(PersistentScheduler):
     def tick(self, *args: Any, **kwargs: Any) -> float:
         """Run due alarms, then one periodic entry; return the seconds to sleep."""
         alarm_delay = self.tick_alarms(self.alarm_clock.now())
-        periodic_delay: float = super().tick(*args, **kwargs)
+        periodic_delay: float = super().tick(*args, **kwargs)  # type: ignore[misc]
         return max(0.0, min(alarm_delay, periodic_delay))
 
     def tick_alarms(self, now: float) -> float:
@@ -103,7 +108,7 @@ class AlarmScheduler(PersistentScheduler):
             except BaseException:
                 broker.release()
                 raise
-            self._alarm_producer = self.Producer(broker, auto_declare=False)  # type: ignore[attr-defined]
+            self._alarm_producer = self.Producer(broker, auto_declare=False)
             _log_header_limit(broker)
         return self._alarm_producer
 
@@ -119,11 +124,59 @@ class AlarmScheduler(PersistentScheduler):
         """Release the alarm producer's connection, then close the periodic side."""
         self._drop_broker_connection()
         self.alarm_engine.close()
-        super().close()
+        super().close()  # type: ignore[misc]
 
     @property
     def info(self) -> str:
         """Shown in beat's start-up banner."""
         from . import registry
 
-        return f"    . alarms -> {', '.join(registry.names()) or '(no CELERY_SCHEDULLER_CLASSES)'}\n{super().info}"
+        periodic: str = super().info  # type: ignore[misc]
+        return f"    . alarms -> {', '.join(registry.names()) or '(no CELERY_SCHEDULLER_CLASSES)'}\n{periodic}"
+
+
+class AlarmScheduler(AlarmSide, PersistentScheduler):
+    """A beat scheduler that delivers alarms and also runs the project's ``beat_schedule`` entries, exactly
+    as Celery's default scheduler does (their last run times kept in ``beat_schedule_filename``)."""
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first use: django-celery-beat is an optional dependency (the ``beat`` extra).
+    if name == "AlarmDatabaseScheduler":
+        return _alarm_database_scheduler()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_database_scheduler: Any = None
+
+
+def _alarm_database_scheduler() -> Any:
+    """``AlarmDatabaseScheduler``: alarms beside django-celery-beat's ``PeriodicTask`` rows in one beat."""
+    global _database_scheduler
+    if _database_scheduler is not None:
+        return _database_scheduler
+    _ensure_django()
+    from django.apps import apps
+
+    from .exceptions import ConfigurationError
+
+    try:
+        from django_celery_beat.schedulers import DatabaseScheduler
+    except ImportError as exc:
+        raise ConfigurationError(
+            "AlarmDatabaseScheduler runs django-celery-beat's periodic tasks beside the alarms, and "
+            "django-celery-beat is not installed: pip install 'celery-scheduller[beat]' and add "
+            "'django_celery_beat' to INSTALLED_APPS (or use -S celery_scheduller for beat_schedule entries)"
+        ) from exc
+    if not apps.is_installed("django_celery_beat"):
+        raise ConfigurationError(
+            "AlarmDatabaseScheduler needs 'django_celery_beat' in INSTALLED_APPS (and its migrations applied)"
+        )
+
+    class AlarmDatabaseScheduler(AlarmSide, DatabaseScheduler):  # type: ignore[misc]
+        """A beat scheduler that delivers alarms and runs django-celery-beat's ``PeriodicTask`` rows
+        (interval, crontab, solar, clocked; edits in its admin picked up as its ``DatabaseScheduler`` does)."""
+
+    AlarmDatabaseScheduler.__module__ = __name__
+    _database_scheduler = AlarmDatabaseScheduler
+    return AlarmDatabaseScheduler

@@ -24,6 +24,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "celery_scheduller",
+    "django_celery_beat",  # AlarmDatabaseScheduler's tests
     "tests.testapp",
 ]
 MIDDLEWARE = [
