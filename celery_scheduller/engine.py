@@ -23,7 +23,7 @@ from .exceptions import SchedullerError
 from .message import Message, Response, describe
 from .planning import DueHeap, Window, claim_gap, next_wakeup
 from .scheduller import Scheduller
-from .wire import AttemptRef, header_limit, header_of, task_id_of
+from .wire import PRIORITY_KEY, QUEUE_KEY, AttemptRef, header_limit, header_of, task_id_of
 
 logger = logging.getLogger("celery_scheduller")
 
@@ -62,6 +62,18 @@ class PublishFailed(SchedullerError):
 def to_datetime(moment: float) -> dt.datetime:
     """An epoch timestamp as an aware UTC datetime."""
     return dt.datetime.fromtimestamp(moment, dt.UTC)
+
+
+def _delivery_options(message: Message) -> dict[str, Any] | None:
+    """The queue and priority an alarm asked for in its assigns, as Celery publish options."""
+    if QUEUE_KEY not in message.assigns and PRIORITY_KEY not in message.assigns:
+        return None
+    options: dict[str, Any] = {}
+    if isinstance(message.assigns.get(QUEUE_KEY), str):
+        options["queue"] = message.assigns[QUEUE_KEY]
+    if isinstance(message.assigns.get(PRIORITY_KEY), int):
+        options["priority"] = message.assigns[PRIORITY_KEY]
+    return options
 
 
 def _check_header_size(headers: dict[str, str], limit: int | None) -> None:
@@ -118,11 +130,12 @@ class _TaskSender:
         headers: dict[str, str],
         expires: dt.datetime,
         eta: dt.datetime | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         amqp = self.app.amqp
         if self._sent_event is None:
             self._sent_event = bool(self.app.conf.task_send_sent_event)
-        options = dict(self._task_options(name), headers=headers)
+        options = dict(self._task_options(name), headers=headers, **(overrides or {}))
         time_limit = options.pop("time_limit", None)
         soft_time_limit = options.pop("soft_time_limit", None)
         ignore_result = options.pop("ignore_result", None)
@@ -314,9 +327,13 @@ class AlarmEngine:
         """Remove kept history older than KEEP_FINISHED, one batch per prune interval."""
         self.next_prune_at = now + settings.integer("PRUNE_INTERVAL") / 1000
         keep = settings.keep_finished()
-        if keep is None:
-            return
-        pruned = store.prune(to_datetime(now) - keep, settings.integer("PRUNE_BATCH"))
+        pruned = 0
+        if keep is not None:
+            pruned = store.prune(to_datetime(now) - keep, settings.integer("PRUNE_BATCH"))
+        if registry.serves_django_tasks():  # Django Tasks results past their RESULT_TTL
+            from . import task_backend
+
+            pruned += task_backend.prune(to_datetime(now), settings.integer("PRUNE_BATCH"))
         if pruned:
             logger.info("pruned %s ended alarms", pruned, extra={"action": "pruned", "count": pruned})
 
@@ -509,6 +526,7 @@ class AlarmEngine:
             headers,
             ref.deadline,
             eta,
+            _delivery_options(message),
         )
 
     def _answer_timeouts(self, names: Sequence[str], now: dt.datetime) -> bool:

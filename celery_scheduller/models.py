@@ -98,3 +98,30 @@ class BeatRecord(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class TaskRecord(models.Model):
+    """A Django Tasks result (``task_backend.AlarmTaskBackend``): what ``get_result`` reads."""
+
+    id = models.CharField(max_length=64, primary_key=True)
+    task_path = models.CharField(max_length=255)
+    backend = models.CharField(max_length=100)
+    queue_name = models.CharField(max_length=100)
+    priority = models.IntegerField(default=0)
+    run_after = models.DateTimeField(null=True, blank=True)
+    status = models.CharField(max_length=16)
+    args = models.JSONField(default=list)
+    kwargs = models.JSONField(default=dict)
+    return_value = models.JSONField(null=True, blank=True)
+    #: ``[{"exception_class_path": …, "traceback": …}]``, one per failed attempt
+    errors = models.JSONField(default=list)
+    worker_ids = models.JSONField(default=list)
+    enqueued_at = models.DateTimeField()
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    last_attempted_at = models.DateTimeField(null=True, blank=True)
+    #: When the result stops being readable (finished + the backend's RESULT_TTL); pruned by beat after it
+    expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.task_path} {self.id} ({self.status})"

@@ -40,8 +40,20 @@ def classes() -> dict[str, type[Scheduller]]:
             if name in found and found[name] is not cls:
                 raise ConfigurationError(f"CELERY_SCHEDULLER_CLASSES: two classes are named {name!r}")
             found[name] = cls
+        if serves_django_tasks():
+            from .task_backend import TaskAlarms
+
+            found.setdefault(TaskAlarms.scheduller_name(), TaskAlarms)
         _classes, _classes_from = found, paths
         return found
+
+
+def serves_django_tasks() -> bool:
+    """Whether ``TASKS`` names ``AlarmTaskBackend`` (its deferred tasks are alarms of ``TaskAlarms``)."""
+    from django.conf import settings as django_settings
+
+    backends = getattr(django_settings, "TASKS", {}) or {}
+    return any(str(params.get("BACKEND", "")).endswith(".AlarmTaskBackend") for params in backends.values())
 
 
 def names() -> list[str]:

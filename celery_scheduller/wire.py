@@ -21,6 +21,9 @@ from .message import Message, compact_json, from_json_value, to_json_value
 
 #: The task header carrying the attempt and the Message without its raw_request (one JSON string).
 HEADER = "celery_scheduller"
+#: assigns keys an alarm may carry to be published to another Celery queue, or with a priority (0-9)
+QUEUE_KEY = "celery_scheduller.queue"
+PRIORITY_KEY = "celery_scheduller.priority"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

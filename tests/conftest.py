@@ -181,3 +181,16 @@ def _worker_idle_at_teardown(request: pytest.FixtureRequest) -> Iterator[None]:
             time.sleep(settings.response_batch_wait() / 1000 + 0.1)
             return
         time.sleep(0.1)
+
+
+@pytest.fixture
+def close_sync_thread_connections() -> Iterator[None]:
+    """``sync_to_async`` (the async API, ``aget_result``) runs calls in a thread with its own database
+    connection: closed after the test, or the test database cannot be dropped."""
+    yield
+    import asyncio
+
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    asyncio.run(sync_to_async(connections.close_all)())

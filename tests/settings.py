@@ -27,6 +27,22 @@ INSTALLED_APPS = [
     "django_celery_beat",  # AlarmDatabaseScheduler's tests
     "tests.testapp",
 ]
+try:  # Django 6: django.tasks; Django 5.2: the django-tasks backport, an app of its own
+    import django.tasks  # noqa: F401
+except ImportError:
+    INSTALLED_APPS.append("django_tasks")
+
+TASKS = {
+    "default": {
+        "BACKEND": "celery_scheduller.task_backend.AlarmTaskBackend",
+        "QUEUES": ["default", "other"],
+        "OPTIONS": {"RESULT_TTL": 3600},
+    },
+    "retrying": {
+        "BACKEND": "celery_scheduller.task_backend.AlarmTaskBackend",
+        "OPTIONS": {"RETRY": {"ATTEMPTS": 3, "BACKOFF_MS": 200}},
+    },
+}
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

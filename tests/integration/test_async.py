@@ -14,17 +14,7 @@ from celery_scheduller import InvalidAlarm, Message, states
 from celery_scheduller.models import Alarm
 from tests.testapp.alarms import TestAlarms
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def _close_the_sync_thread_connections():
-    """``sync_to_async`` runs the calls in a thread of its own with its own connection: closed after each
-    test, or the test database cannot be dropped."""
-    yield
-    from django.db import connections
-
-    asyncio.run(sync_to_async(connections.close_all)())
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_sync_thread_connections")]
 
 
 def test_async_calls_schedule_cancel_and_reschedule_as_the_sync_ones_do():

@@ -1,0 +1,293 @@
+"""A Django Tasks backend on this engine: ``TASKS = {"default": {"BACKEND":
+"celery_scheduller.task_backend.AlarmTaskBackend", "OPTIONS": {…}}}``.
+
+- ``task.enqueue(…)`` publishes at once through Celery (after the caller's transaction commits);
+  ``task.using(run_after=…).enqueue(…)`` stores an alarm that beat delivers at that time, inside the
+  caller's transaction as ``dispatch`` does.
+- Both run in the project's Celery workers as the task ``celery_scheduller.run_django_task`` (found by
+  ``app.autodiscover_tasks()``), which records the result: ``get_result`` / ``aget_result`` /
+  ``TaskResult.refresh()`` read it until ``RESULT_TTL`` seconds after the task finished.
+- ``OPTIONS``: ``RETRY = {"ATTEMPTS": n, "BACKOFF_MS": ms}`` (default: no retry: Django's framework has
+  none) runs a failed task again after ``BACKOFF_MS`` × 2^(attempt - 1); ``RESULT_TTL`` (seconds, default one
+  day); ``TIMEOUT_MS`` (a deferred task's ``dispatch_timeout``, default an hour).
+- ``queue_name`` is the Celery queue (``"default"``: the app's default queue); ``priority`` (-100…100) maps to
+  Celery's 0…9 where the broker has priorities (RabbitMQ with ``x-max-priority``, Redis).
+
+Works with Django 6's ``django.tasks`` and, on Django 5.2, the ``django-tasks`` backport (the ``tasks`` extra).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import socket
+import traceback
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from django.db import transaction
+from django.utils import timezone
+from django.utils.crypto import get_random_string
+from django.utils.module_loading import import_string
+
+from .message import Message
+from .scheduller import OK, Retry, Scheduller
+from .wire import PRIORITY_KEY, QUEUE_KEY
+
+try:  # Django 6
+    from django.tasks import TaskContext, TaskResult, TaskResultStatus, task_backends
+    from django.tasks.backends.base import BaseTaskBackend
+    from django.tasks.base import TaskError
+    from django.tasks.exceptions import TaskResultDoesNotExist
+    from django.tasks.signals import task_enqueued, task_finished, task_started
+    from django.utils.json import normalize_json
+except ImportError:  # Django 5.2 with the django-tasks backport
+    from django_tasks import TaskContext, TaskResult, TaskResultStatus, task_backends  # type: ignore[assignment, no-redef, unused-ignore]
+    from django_tasks.backends.base import BaseTaskBackend  # type: ignore[assignment, no-redef, unused-ignore]
+    from django_tasks.base import TaskError  # type: ignore[assignment, no-redef, unused-ignore]
+    from django_tasks.exceptions import TaskResultDoesNotExist  # type: ignore[assignment, no-redef, unused-ignore]
+    from django_tasks.signals import task_enqueued, task_finished, task_started  # type: ignore[assignment, no-redef, unused-ignore]
+    from django_tasks.utils import normalize_json  # type: ignore[assignment, no-redef, unused-ignore]
+
+logger = logging.getLogger("celery_scheduller")
+
+#: The Celery task that runs a Django Task in a worker.
+RUNNER = "celery_scheduller.run_django_task"
+DEFAULT_RESULT_TTL = 86_400
+DEFAULT_TIMEOUT_MS = 3_600_000
+
+
+class AlarmTaskBackend(BaseTaskBackend):
+    """Django Tasks on Celery workers; deferred tasks durable as alarms."""
+
+    supports_defer = True
+    supports_async_task = True
+    supports_get_result = True
+    supports_priority = True
+
+    def __init__(self, alias: str, params: dict[str, Any]) -> None:
+        super().__init__(alias, params)
+        retry = self.options.get("RETRY") or {}
+        self.attempts = int(retry.get("ATTEMPTS", 1))
+        self.backoff_ms = int(retry.get("BACKOFF_MS", 1_000))
+        self.result_ttl = int(self.options.get("RESULT_TTL", DEFAULT_RESULT_TTL))
+        self.timeout_ms = int(self.options.get("TIMEOUT_MS", DEFAULT_TIMEOUT_MS))
+
+    def enqueue(self, task: Any, args: Any, kwargs: Any) -> Any:
+        """Record the result as READY and publish now, or store an alarm for ``task.run_after``."""
+        from .models import TaskRecord
+
+        self.validate_task(task)
+        now = timezone.now()
+        record = TaskRecord.objects.create(
+            id=get_random_string(32),
+            task_path=task.module_path,
+            backend=self.alias,
+            queue_name=task.queue_name,
+            priority=task.priority,
+            run_after=task.run_after,
+            status=TaskResultStatus.READY,
+            args=list(args),
+            kwargs=dict(kwargs),
+            enqueued_at=now,
+        )
+        if task.run_after is None:
+            transaction.on_commit(lambda: self._publish(record.pk, task.queue_name, task.priority))
+        else:
+            TaskAlarms().dispatch(
+                self._message(record.pk, task.queue_name, task.priority), record.pk, at=task.run_after
+            )
+        result = _result(record, task)
+        task_enqueued.send(type(self), task_result=result)
+        return result
+
+    def get_result(self, result_id: str) -> Any:
+        """The stored result; ``TaskResultDoesNotExist`` when there is none, or it has expired."""
+        from .models import TaskRecord
+
+        record = TaskRecord.objects.filter(pk=result_id, backend=self.alias).first()
+        if record is None or (record.expires_at is not None and record.expires_at <= timezone.now()):
+            raise TaskResultDoesNotExist(result_id)
+        return _result(record, _task(record))
+
+    def celery_priority(self, priority: int) -> int | None:
+        """Django's -100…100 as Celery's 0…9, in the direction the broker reads it; None for the default."""
+        if priority == 0:
+            return None
+        from celery import current_app
+
+        scaled = round((priority + 100) / 200 * 9)  # 0 lowest … 9 highest
+        redis = str(current_app.conf.broker_url or "").startswith(("redis", "rediss"))
+        return 9 - scaled if redis else scaled  # kombu's Redis transport runs 0 first
+
+    def celery_queue(self, queue_name: str) -> str | None:
+        """The Celery queue of a Django queue name; None (the app's default queue) for ``"default"``."""
+        return None if queue_name == "default" else queue_name
+
+    def _message(self, result_id: str, queue_name: str, priority: int) -> Message:
+        assigns: dict[str, Any] = {"backend": self.alias}
+        if self.celery_queue(queue_name):
+            assigns[QUEUE_KEY] = self.celery_queue(queue_name)
+        if self.celery_priority(priority) is not None:
+            assigns[PRIORITY_KEY] = self.celery_priority(priority)
+        return Message.new(RUNNER, {"result_id": result_id}, id=f"django-task-{result_id}", assigns=assigns)
+
+    def _publish(self, result_id: str, queue_name: str, priority: int) -> None:
+        from celery import current_app
+
+        options: dict[str, Any] = {}
+        if self.celery_queue(queue_name):
+            options["queue"] = self.celery_queue(queue_name)
+        if self.celery_priority(priority) is not None:
+            options["priority"] = self.celery_priority(priority)
+        current_app.send_task(RUNNER, kwargs={"result_id": result_id}, **options)
+
+
+class TaskAlarms(Scheduller):
+    """The alarms of deferred Django Tasks (and their retries); served whenever ``TASKS`` names
+    ``AlarmTaskBackend``, without an entry in ``CELERY_SCHEDULLER_CLASSES``."""
+
+    name = "django_tasks"
+
+    def service_responded(self, message: Message) -> Any:
+        response = message.response
+        assert response is not None
+        if response.ok and isinstance(response.value, dict) and response.value.get("retry_in_ms") is not None:
+            return Retry(int(response.value["retry_in_ms"]), message)
+        if not response.ok:  # the runner did not run to its end: a time limit, a lost worker, a timeout
+            retry_in = record_outcome(
+                str(message.raw_request.get("result_id")), None, f"{response.status}: {response.error or ''}"
+            )
+            if retry_in is not None:
+                return Retry(retry_in, message)
+        return OK
+
+    def dispatch_timeout(self, message: Message) -> int:
+        return _backend(message.assigns.get("backend", "default")).timeout_ms
+
+
+def run(result_id: str, worker_id: str | None = None) -> dict[str, Any]:
+    """Run the Django Task of ``result_id`` in this worker and record its outcome (``run_django_task``).
+
+    Never raises for the task's own error: the outcome is the result's; returns ``{"retry_in_ms": …}``
+    (None when no retry follows) for the alarm's ``service_responded``.
+    """
+    from .hooks import current_message
+    from .models import TaskRecord
+
+    record = TaskRecord.objects.filter(pk=result_id).first()
+    if record is None:
+        logger.error("Django Task result %s not found: nothing to run", result_id, extra={"action": "ignored"})
+        return {"retry_in_ms": None}
+    task = _task(record)
+    now = timezone.now()
+    record.status = TaskResultStatus.RUNNING
+    record.started_at = record.started_at or now
+    record.last_attempted_at = now
+    record.worker_ids = [*record.worker_ids, worker_id or socket.gethostname()]
+    record.save(update_fields=["status", "started_at", "last_attempted_at", "worker_ids"])
+    result = _result(record, task)
+    task_started.send(AlarmTaskBackend, task_result=result)
+    try:
+        call_args = [TaskContext(task_result=result), *record.args] if task.takes_context else list(record.args)
+        value = task.func(*call_args, **record.kwargs)
+        if hasattr(value, "__await__"):
+            value = async_to_sync(_awaited)(value)
+    except Exception as exc:
+        retry_in = record_outcome(result_id, None, "", exc)
+    else:
+        retry_in = record_outcome(result_id, value, None)
+    if retry_in is not None and current_message() is None:
+        # published at once, not an alarm: the retry is one
+        backend = _backend(record.backend)
+        message = backend._message(result_id, record.queue_name, record.priority)
+        TaskAlarms().dispatch(message, result_id, in_ms=retry_in)
+        return {"retry_in_ms": None}
+    return {"retry_in_ms": retry_in}
+
+
+async def _awaited(value: Any) -> Any:
+    return await value
+
+
+def record_outcome(result_id: str, value: Any, failure: str | None, exc: BaseException | None = None) -> int | None:
+    """Store what an attempt of ``result_id`` came to; returns the ms until the next attempt, or None."""
+    from .models import TaskRecord
+
+    record = TaskRecord.objects.filter(pk=result_id).first()
+    if record is None:
+        return None
+    backend = _backend(record.backend)
+    now = timezone.now()
+    if failure is None and exc is None:
+        try:
+            record.return_value = normalize_json(value)
+        except (TypeError, ValueError) as bad:
+            exc = bad
+        else:
+            record.status = TaskResultStatus.SUCCESSFUL
+    retry_in: int | None = None
+    if exc is not None or failure:
+        if exc is not None:
+            path = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            text = "".join(traceback.format_exception(exc))
+        else:
+            path, text = "celery_scheduller.exceptions.SchedullerError", str(failure)
+        record.errors = [*record.errors, {"exception_class_path": path, "traceback": text}]
+        attempts = max(len(record.worker_ids), 1)
+        if attempts < backend.attempts:
+            retry_in = backend.backoff_ms * 2 ** (attempts - 1)
+            record.status = TaskResultStatus.READY
+        else:
+            record.status = TaskResultStatus.FAILED
+    if retry_in is None:
+        record.finished_at = now
+        record.expires_at = now + dt.timedelta(seconds=backend.result_ttl)
+    record.save()
+    if retry_in is None:
+        task_finished.send(AlarmTaskBackend, task_result=_result(record, _task(record)))
+    return retry_in
+
+
+def prune(now: dt.datetime, limit: int) -> int:
+    """Remove up to ``limit`` results past their ``RESULT_TTL``."""
+    from .models import TaskRecord
+
+    expired = list(TaskRecord.objects.filter(expires_at__lt=now).values_list("pk", flat=True)[:limit])
+    deleted, _ = TaskRecord.objects.filter(pk__in=expired).delete()
+    return deleted
+
+
+def _backend(alias: str) -> AlarmTaskBackend:
+    backend = task_backends[alias]
+    if not isinstance(backend, AlarmTaskBackend):
+        raise TypeError(f"TASKS[{alias!r}] is not AlarmTaskBackend")
+    return backend
+
+
+def _task(record: Any) -> Any:
+    task = import_string(record.task_path)
+    changes: dict[str, Any] = {"queue_name": record.queue_name, "priority": record.priority}
+    if record.run_after is not None:
+        changes["run_after"] = record.run_after
+    return task.using(**changes)
+
+
+def _result(record: Any, task: Any) -> Any:
+    result: Any = TaskResult(
+        task=task,
+        id=record.pk,
+        status=TaskResultStatus(record.status),
+        enqueued_at=record.enqueued_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        last_attempted_at=record.last_attempted_at,
+        args=list(record.args),
+        kwargs=dict(record.kwargs),
+        backend=record.backend,
+        errors=[TaskError(**error) for error in record.errors],
+        worker_ids=list(record.worker_ids),
+    )
+    if record.status == TaskResultStatus.SUCCESSFUL:
+        object.__setattr__(result, "_return_value", record.return_value)
+    return result

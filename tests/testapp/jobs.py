@@ -1,0 +1,64 @@
+"""Django Tasks (``django.tasks``, or the ``django_tasks`` backport on Django 5.2) run by AlarmTaskBackend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.utils import timezone
+
+try:
+    from django.tasks import task
+    from django.tasks.signals import task_finished, task_started
+except ImportError:
+    from django_tasks import task
+    from django_tasks.signals import task_finished, task_started
+
+from .models import Run
+
+
+@task
+def add(a: int, b: int) -> int:
+    """Return the sum."""
+    Run.objects.create(task="jobs.add", kwargs={"a": a, "b": b}, started_at=timezone.now())
+    return a + b
+
+
+@task
+def explode(text: str) -> None:
+    """Raise."""
+    raise ValueError(text)
+
+
+@task(takes_context=True)
+def attempt_number(context: Any) -> int:
+    """Return the attempt number the context gives."""
+    return int(context.attempt)
+
+
+@task(takes_context=True, backend="retrying")
+def flaky(context: Any, succeed_on: int) -> int:
+    """Fail until the attempt ``succeed_on``, then return the attempt number."""
+    if context.attempt < succeed_on:
+        raise RuntimeError(f"attempt {context.attempt} failed")
+    return int(context.attempt)
+
+
+@task
+async def double(x: int) -> int:
+    """An async task."""
+    return 2 * x
+
+
+def _record_signal(name: str):
+    def receiver(sender: Any, task_result: Any, **kwargs: Any) -> None:
+        Run.objects.create(
+            task=f"signal:{name}",
+            kwargs={"id": task_result.id, "status": str(task_result.status)},
+            started_at=timezone.now(),
+        )
+
+    return receiver
+
+
+task_started.connect(_record_signal("started"), weak=False, dispatch_uid="jobs.started")
+task_finished.connect(_record_signal("finished"), weak=False, dispatch_uid="jobs.finished")
