@@ -86,8 +86,15 @@ def seed_loyalty_alarms(count: int) -> int:
 
 
 def pay(order: Order) -> int:
-    """Mark an order paid and cancel its alarms; returns how many were cancelled."""
+    """Mark an order paid and cancel its alarms; returns how many were cancelled. Where Django's Tasks
+    framework is available, the receipt goes out 3 s later through it (``shop.jobs``), the same engine."""
+    from django.conf import settings
+
     with transaction.atomic():
         Order.objects.filter(pk=order.pk).update(status=Order.PAID)
         Event.objects.create(order=order, kind="paid")
+        if settings.TASKS_AVAILABLE:
+            from .jobs import send_receipt
+
+            send_receipt.using(run_after=timezone.now() + dt.timedelta(seconds=3)).enqueue(order.pk)
         return OrderAlarms().cancel_aggregate(f"order-{order.pk}")

@@ -99,6 +99,23 @@ CELERY_BEAT_SCHEDULE = {
 }
 
 CELERY_SCHEDULLER_CLASSES = ["shop.alarms.OrderAlarms"]
+
+# Django's Tasks framework on the same engine (Django 6's django.tasks; on Django 5.2 the django-tasks
+# backport, `pip install "celery-scheduller[tasks]"`): shop.jobs is written against it.
+try:
+    import django.tasks  # noqa: F401
+
+    TASKS_AVAILABLE = True
+except ImportError:
+    try:
+        import django_tasks  # noqa: F401
+
+        INSTALLED_APPS.append("django_tasks")
+        TASKS_AVAILABLE = True
+    except ImportError:
+        TASKS_AVAILABLE = False
+if TASKS_AVAILABLE:
+    TASKS = {"default": {"BACKEND": "celery_scheduller.task_backend.AlarmTaskBackend"}}
 CELERY_SCHEDULLER_POLL_INTERVAL = 250
 # keep ended alarms a day, so the admin shows finished, failed and cancelled ones with their attempts
 CELERY_SCHEDULLER_KEEP_FINISHED = int(os.environ.get("SHOP_KEEP_FINISHED", "86400")) or None

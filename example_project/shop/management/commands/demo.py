@@ -114,6 +114,8 @@ class Command(BaseCommand):
                             f"order {order.pk}: [cancelled] paid at once, its {cancelled} alarms cancelled"
                         )
                     )
+                    if settings.TASKS_AVAILABLE:
+                        self.stdout.write(f"order {order.pk}: receipt enqueued through Django's Tasks API, in 3 s")
                 next_order_at = time.monotonic() + 2
             for event in Event.objects.filter(pk__gt=seen).order_by("pk"):
                 seen = event.pk
@@ -160,6 +162,8 @@ def _story(event) -> str:
         return f"[expired] unpaid after 20 s: order expired{late}"
     if event.kind == "expiry skipped":
         return f"[on time] expiry ran{late}: the order was already settled"
+    if event.kind == "receipt sent":
+        return "[Django Tasks] receipt sent: send_receipt.using(run_after=…).enqueue(…), delivered by beat"
     if event.kind == "paid":
         return ""  # told when the order was paid
     return f"{event.kind} {event.detail}{late}"
