@@ -7,6 +7,7 @@ behaviour without the optimisation or the extra safety it gave.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Iterable
@@ -42,3 +43,132 @@ def ended_requests(requests: Iterable[Any], task_id: str) -> list[Any]:
         and request not in active
         and request not in reserved
     ]
+
+
+# -- beat: publishing -------------------------------------------------------------------------------------
+
+
+def library_errors(connection: Any) -> Any:
+    """kombu's ``Connection._reraise_as_library_errors()``: broker errors raised as kombu's own, which beat
+    treats as a failed publish (release and pause). Without it, the transport's errors pass as they are."""
+    reraise = getattr(connection, "_reraise_as_library_errors", None)
+    if reraise is None:
+        _warn_once("kombu's Connection has no _reraise_as_library_errors: broker errors are not wrapped")
+        return contextlib.nullcontext()
+    return reraise()
+
+
+#: The options ``send_task`` takes from a registered task when ``_get_exec_options`` is not there.
+_EXEC_OPTIONS = (
+    "queue",
+    "routing_key",
+    "exchange",
+    "priority",
+    "expires",
+    "serializer",
+    "delivery_mode",
+    "compression",
+    "time_limit",
+    "soft_time_limit",
+    "immediate",
+    "mandatory",
+    "ignore_result",
+)
+
+
+def task_exec_options(task: Any) -> dict[str, Any]:
+    """The registered task's own publish options (queue, priority, time limits…), as ``send_task`` applies
+    them: Celery's ``Task._get_exec_options()``, else read from the task's attributes."""
+    if task is None:
+        return {}
+    getter = getattr(task, "_get_exec_options", None)
+    if callable(getter):
+        return {k: v for k, v in getter().items() if v is not None}
+    _warn_once("Celery's Task has no _get_exec_options: the task's options are read from its attributes")
+    return {name: getattr(task, name) for name in _EXEC_OPTIONS if getattr(task, name, None) is not None}
+
+
+# -- the database -----------------------------------------------------------------------------------------
+
+
+def prepare_cursor(connection: Any, cursor: Any) -> Any:
+    """Django's ``_prepare_cursor``: a raw driver cursor wrapped as Django's own (logged, counted, errors
+    translated). Without it, the raw cursor (errors then are the driver's)."""
+    prepare = getattr(connection, "_prepare_cursor", None)
+    if prepare is None:
+        _warn_once("Django's connection has no _prepare_cursor: server-bound cursors are not wrapped")
+        return cursor
+    return prepare(cursor)
+
+
+def raw_delete(queryset: Any) -> int:
+    """``QuerySet._raw_delete``: one DELETE without Django's collector. Without it, ``delete()``."""
+    raw = getattr(queryset, "_raw_delete", None)
+    if raw is None:
+        _warn_once("Django's QuerySet has no _raw_delete: deletes go through the collector")
+        deleted, _ = queryset.delete()
+        return int(deleted)
+    return int(raw(queryset.db))
+
+
+# -- workers publishing ahead -------------------------------------------------------------------------------
+
+
+def prefetch_window(parent: Any) -> tuple[Any, Any] | None:
+    """The consumer's event loop and prefetch window (``hub``, ``qos``) where ``PromptPrefetch`` can apply a
+    raised count early: kombu's ``QoS`` with ``value``, ``prev`` and ``update()``, a hub with ``on_tick`` and
+    ``call_later``. None (logged once) where they are not so."""
+    hub, qos = getattr(parent, "hub", None), getattr(parent, "qos", None)
+    if hub is None or qos is None:
+        return None  # no event loop (solo, eventlet, gevent pools): nothing to do, as designed
+    if not all(hasattr(qos, name) for name in ("value", "prev", "update")) or not all(
+        hasattr(hub, name) for name in ("on_tick", "call_later")
+    ):
+        _warn_once("kombu's QoS or the worker's hub changed: held eta tasks are taken in at Celery's own pace")
+        return None
+    return hub, qos
+
+
+#: The consumer's callbacks the timer calls, with the request first, when a held task comes due: without
+#: and with a rate limit.
+ETA_CALLBACKS = ("apply_eta_task", "_limit_post_eta")
+
+
+def eta_callbacks(parent: Any) -> list[str]:
+    """Which of ``ETA_CALLBACKS`` the consumer has (logged once when it has none)."""
+    found = [name for name in ETA_CALLBACKS if callable(getattr(parent, name, None))]
+    if not found:
+        _warn_once("Celery's consumer has no apply_eta_task: held tasks keep their timer entries")
+    return found
+
+
+def drop_timer_entry(request: Any) -> None:
+    """Celery 5.7 keeps a held task's timer entry on its request (``_eta_timer_entry``); once it has fired,
+    drop it, so the request is freed when the task has run (5.5 keeps none: nothing to do)."""
+    if getattr(request, "_eta_timer_entry", None) is not None:
+        request._eta_timer_entry = None
+
+
+def check() -> dict[str, bool]:
+    """Whether each internal the package relies on is where it expects it, on the installed versions."""
+    from celery import Task
+    from celery.worker import state
+    from celery.worker.consumer import Consumer
+    from celery.worker.request import Request
+    from django.db import connection
+    from django.db.models import QuerySet
+    from kombu import Connection
+    from kombu.common import QoS
+
+    return {
+        "kombu Connection._reraise_as_library_errors": hasattr(Connection, "_reraise_as_library_errors"),
+        "celery Task._get_exec_options": hasattr(Task, "_get_exec_options"),
+        "django connection._prepare_cursor": hasattr(connection, "_prepare_cursor"),
+        "django QuerySet._raw_delete": hasattr(QuerySet, "_raw_delete"),
+        "kombu QoS.prev": "prev" in QoS.__init__.__code__.co_names or hasattr(QoS, "prev"),
+        "celery Consumer.apply_eta_task": hasattr(Consumer, "apply_eta_task"),
+        "celery worker state.active_requests / reserved_requests": hasattr(state, "active_requests")
+        and hasattr(state, "reserved_requests"),
+        "celery Request.time_start": "time_start" in getattr(Request, "__slots__", ())
+        or hasattr(Request, "time_start"),
+    }

@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import Celery
 
-from . import callbacks, notify, registry, signals, store, writer
+from . import callbacks, compat, notify, registry, signals, store, writer
 from .conf import settings
 from .exceptions import SchedullerError
 from .message import Message, Response, describe
@@ -167,7 +167,7 @@ class _TaskSender:
         queue_name = getattr(queue, "name", queue)
         if queue_name in self._declared:
             options["declare"] = []
-        with producer.connection._reraise_as_library_errors():
+        with compat.library_errors(producer.connection):
             amqp.send_task_message(producer, name, message, retry=False, **options)
         self._declared.add(queue_name)
 
@@ -190,8 +190,7 @@ class _TaskSender:
         found = self._options.get(name)
         if found is None:
             task = self.app.tasks.get(name)
-            getter = getattr(task, "_get_exec_options", None)
-            found = {k: v for k, v in (getter() if callable(getter) else {}).items() if v is not None}
+            found = compat.task_exec_options(task)
             self._options[name] = found
         return found
 

@@ -35,6 +35,8 @@ from typing import Any
 
 from celery import bootsteps
 
+from . import compat
+
 logger = logging.getLogger("celery_scheduller")
 
 #: Seconds within which a raised prefetch count smaller than half a window is applied.
@@ -51,9 +53,10 @@ class PromptPrefetch(bootsteps.StartStopStep):
         self._tick: Any = None
 
     def start(self, parent: Any) -> None:
-        hub, qos = parent.hub, parent.qos
-        if hub is None or qos is None or not parent.initial_prefetch_count:
-            return  # no event loop (the solo pool, eventlet, gevent), or prefetch disabled
+        window = compat.prefetch_window(parent)
+        if window is None or not parent.initial_prefetch_count:
+            return  # no event loop (the solo pool, eventlet, gevent), internals moved, or prefetch disabled
+        hub, qos = window
         batch = max(1, parent.initial_prefetch_count // 2)
         settling = False
 
@@ -83,18 +86,12 @@ class PromptPrefetch(bootsteps.StartStopStep):
     shutdown = stop
 
 
-#: The consumer's callbacks that the timer calls, with the request first, when a held task comes due:
-#: without and with a rate limit.
-_ON_DUE = ("apply_eta_task", "_limit_post_eta")
-
-
 def _releasing(on_due: Callable[..., Any]) -> Callable[..., Any]:
     """``on_due`` that first drops the request's reference to the timer entry that just fired."""
 
     @functools.wraps(on_due)
     def release_then(request: Any, *args: Any) -> Any:
-        if getattr(request, "_eta_timer_entry", None) is not None:
-            request._eta_timer_entry = None
+        compat.drop_timer_entry(request)
         return on_due(request, *args)
 
     return release_then
@@ -106,10 +103,8 @@ class ReleaseTimerEntries(bootsteps.Step):
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         # Built with the consumer, before its Tasks step reads these callbacks into each task's strategy.
-        for name in _ON_DUE:
-            on_due = getattr(parent, name, None)
-            if on_due is not None:
-                setattr(parent, name, _releasing(on_due))
+        for name in compat.eta_callbacks(parent):
+            setattr(parent, name, _releasing(getattr(parent, name)))
 
 
 def install(sender: Any = None, **_: Any) -> None:

@@ -318,3 +318,40 @@ def test_a_dispatch_timeout_that_fails_on_retry_does_not_strand_the_attempt(monk
     assert responses.respond(ref, message, Response("error", error="E"), NOW) == "retried"
     row = Alarm.objects.get(message_id="odd-timeout")
     assert (row.state, row.timeout_ms) == (states.PENDING, 5_000)
+
+
+def test_cancel_waits_for_a_claim_under_way_and_revokes_what_it_published():
+    """A beat publishing ahead claims an alarm while ``cancel`` runs: cancel reads the row locked, so it
+    waits for the claim and sees it published (and ahead of its time): the caller then revokes it."""
+    import threading
+
+    from django.db import connection as main_connection
+    from django.db import transaction as tx
+
+    alarms = TestAlarms()
+    due = timezone.now() + dt.timedelta(seconds=30)
+    alarms.dispatch(Message.new("testapp.record", id="raced"), "agg", at=due)
+    claimed = threading.Event()
+
+    def beat_claims() -> None:
+        try:
+            with tx.atomic():
+                row = Alarm.objects.select_for_update().get(message_id="raced")
+                Alarm.objects.filter(pk=row.pk).update(state=states.PUBLISHED, attempt=1, deadline=due)
+                claimed.set()
+                time.sleep(1.0)  # the claim's transaction is still open while cancel runs
+        finally:
+            from django.db import connection
+
+            connection.close()
+
+    thread = threading.Thread(target=beat_claims)
+    thread.start()
+    assert claimed.wait(10)
+    started = time.monotonic()
+    cancelled, ahead = store.cancel("tests", timezone.now(), True, message_ids=["raced"])
+    waited = time.monotonic() - started
+    thread.join()
+    assert cancelled == ["raced"] and ahead == [("raced", 1)]
+    assert waited > 0.5 or main_connection.vendor == "sqlite"  # it waited for the claim to commit
+    assert Alarm.objects.get(message_id="raced").state == states.CANCELLED
