@@ -17,7 +17,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.db.models import F, Q, QuerySet
 
-from . import states
+from . import compat, states
 from .exceptions import SchedullerError
 from .message import Message, Response, compact_json, from_json_value, to_json_value
 from .models import Alarm, AlarmAttempt, BeatRecord
@@ -58,7 +58,7 @@ def _bound_cursor(*, binary: bool = False) -> Any:
     cursor = psycopg.Cursor(connection.connection)
     if binary:  # results in binary: no text parsing of timestamps, JSON decoded by psycopg
         cursor.format = psycopg.pq.Format.BINARY
-    return connection._prepare_cursor(cursor)  # type: ignore[attr-defined]
+    return compat.prepare_cursor(connection, cursor)
 
 
 class ClaimConflict(SchedullerError):
@@ -401,7 +401,7 @@ def finish(ref: AttemptRef, response: Response, now: dt.datetime, keep_history: 
         # the alarm and its history in one round trip: the worker's hook runs this for every task
         return ref.pk in finish_many([ref])
     query = _published(ref)
-    deleted = query._raw_delete(query.db)  # one DELETE: no collector, no transaction of its own
+    deleted = compat.raw_delete(query)  # one DELETE: no collector, no transaction of its own
     if deleted and ref.attempt > 1:
         AlarmAttempt.objects.filter(message_id=ref.message_id).delete()
     return deleted > 0
@@ -679,7 +679,9 @@ def cancel(
         active.filter(aggregate_id=aggregate_id) if aggregate_id else active.filter(message_id__in=list(message_ids))
     )
     with transaction.atomic():
-        found = list(query.values_list("pk", "message_id", "state", "attempt", "dispatch_at"))
+        # Locked as read: a beat claiming one of them meanwhile (publishing it ahead) has it locked, so this
+        # waits and reads it published, and the caller revokes it; a later claim no longer finds it pending.
+        found = list(query.select_for_update().values_list("pk", "message_id", "state", "attempt", "dispatch_at"))
         if not found:
             return [], []
         guarded = active.filter(pk__in=[pk for pk, *_ in found])
