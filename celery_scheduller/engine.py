@@ -19,7 +19,7 @@ from celery import Celery
 
 from . import callbacks, compat, notify, registry, signals, store, writer
 from .conf import settings
-from .exceptions import SchedullerError
+from .exceptions import ConfigurationError, SchedullerError
 from .message import Message, Response, describe
 from .planning import DueHeap, Window, claim_gap, next_wakeup
 from .scheduller import Scheduller
@@ -342,7 +342,9 @@ class AlarmEngine:
         if window is None:
             interval = scheduller.in_memory_interval()
             if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
-                raise ValueError(f"{name}.in_memory_interval() must return a positive integer (ms), got {interval!r}")
+                raise ConfigurationError(
+                    f"{name}.in_memory_interval() must return a positive integer (ms), got {interval!r}"
+                )
             window = self.windows[name] = Window(interval / 1000)
         if not window.load_due(now):
             return

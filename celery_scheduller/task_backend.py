@@ -30,6 +30,7 @@ from django.utils import timezone
 from django.utils.crypto import get_random_string
 from django.utils.module_loading import import_string
 
+from .exceptions import ConfigurationError
 from .message import Message
 from .scheduller import OK, Retry, Scheduller
 from .wire import PRIORITY_KEY, QUEUE_KEY
@@ -261,7 +262,7 @@ def prune(now: dt.datetime, limit: int) -> int:
 def _backend(alias: str) -> AlarmTaskBackend:
     backend = task_backends[alias]
     if not isinstance(backend, AlarmTaskBackend):
-        raise TypeError(f"TASKS[{alias!r}] is not AlarmTaskBackend")
+        raise ConfigurationError(f"TASKS[{alias!r}] is not AlarmTaskBackend")
     return backend
 
 
