@@ -108,7 +108,7 @@ class Cluster:
             "--without-mingle",
             "--without-heartbeat",
             "-n",
-            f"fault{i}@%h",
+            f"fault{i}-{RUN}@%h",
         )
 
     def start(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 
 import pytest
@@ -150,7 +151,7 @@ def test_a_timed_out_attempt_redelivered_late_does_not_run_next_to_its_retry(bea
     # this alarm's answers: a task an earlier test left in the default queue may answer its own meanwhile
     assert list(Answer.objects.filter(message_id="stale-1").values_list("status", flat=True)) == ["timeout"]
     late_worker = start_worker(
-        tmp_path / "stale.log", "-c", "2", "-Q", settings.CSCHED_STALE_QUEUE, "-n", "csched-stale@%h"
+        tmp_path / "stale.log", "-c", "2", "-Q", settings.CSCHED_STALE_QUEUE, "-n", f"csched-stale-{os.getpid()}@%h"
     )
     try:
         run = wait_for(lambda: Run.objects.filter(message_id="stale-1").first(), 15, "the retry to run")

@@ -40,7 +40,7 @@ def test_a_worker_takes_in_tasks_held_for_their_eta_as_fast_as_they_arrive(
         # one thread: an initial prefetch window of 4 (1 × the prefetch multiplier)
         worker = start_worker(
             tmp_path / "worker.log",
-            *("-P", "threads", "-c", "1", "-Q", queue, "-n", f"csched-prefetch-{publish_ahead}@%h"),
+            *("-P", "threads", "-c", "1", "-Q", queue, "-n", f"csched-prefetch-{os.getpid()}-{publish_ahead}@%h"),
             env={"CSCHED_BROKER": RABBITMQ, "CSCHED_PUBLISH_AHEAD": str(publish_ahead)},
         )
         try:
@@ -76,7 +76,7 @@ def test_a_task_held_for_its_eta_is_freed_when_it_has_run_not_by_the_garbage_col
     worker = start_worker(
         tmp_path / "worker.log",
         *("-P", "threads", "-c", "1", "--prefetch-multiplier", str(2 * HELD)),
-        *("-Q", queue, "-n", f"csched-freed-{publish_ahead}@%h"),
+        *("-Q", queue, "-n", f"csched-freed-{os.getpid()}-{publish_ahead}@%h"),
         env={"CSCHED_PUBLISH_AHEAD": str(publish_ahead), "CSCHED_TRACK_REQUESTS": "1"},
     )
     try:
