@@ -15,7 +15,34 @@ from .conf import PREFIX, settings
 @register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """Serializer, Scheduller classes, time zone and the package's own settings."""
-    return [*_check_serializers(), *_check_classes(), *_check_timezone(), *_check_values(), *_check_broker()]
+    return [
+        *_check_serializers(),
+        *_check_classes(),
+        *_check_timezone(),
+        *_check_values(),
+        *_check_broker(),
+        *_check_driver(),
+    ]
+
+
+def _check_driver() -> list[CheckMessage]:
+    """On PostgreSQL the package's statements need psycopg 3 (server-side binding, pipelines, LISTEN)."""
+    from django.db import connections
+
+    if not any(connections[alias].vendor == "postgresql" for alias in connections):
+        return []
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return [
+            Error(
+                "celery_scheduller needs psycopg 3 on PostgreSQL; only psycopg2 is installed.",
+                hint="pip install 'celery-scheduller[postgres]' (psycopg[binary,pool]); Django uses psycopg 3 "
+                "when both are installed.",
+                id="celery_scheduller.E006",
+            )
+        ]
+    return []
 
 
 def _check_broker() -> list[CheckMessage]:

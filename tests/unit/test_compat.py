@@ -42,3 +42,20 @@ def test_task_options_without_the_private_getter_come_from_the_task():
         time_limit = None
 
     assert compat.task_exec_options(Task()) == {"queue": "alarms", "priority": 3}
+
+
+def test_postgresql_without_psycopg_3_is_reported(monkeypatch: pytest.MonkeyPatch):
+    import sys
+
+    from django.db import connections
+
+    from celery_scheduller import checks
+
+    class Postgres:
+        vendor = "postgresql"
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import raises ImportError: psycopg2 alone
+    monkeypatch.setattr(type(connections), "__iter__", lambda self: iter(["default"]))
+    monkeypatch.setattr(type(connections), "__getitem__", lambda self, alias: Postgres())
+    found = checks._check_driver()
+    assert [m.id for m in found] == ["celery_scheduller.E006"] and "celery-scheduller[postgres]" in found[0].hint
