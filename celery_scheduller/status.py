@@ -27,6 +27,7 @@ def collect(now: dt.datetime) -> dict[str, Any]:
         flight = published.aggregate(oldest_deadline=Min("deadline"))
         unanswered = published.filter(deadline__lt=now).count()
         next_due = pending.filter(dispatch_at__gte=now).aggregate(at=Min("dispatch_at"))["at"]
+        failing = Alarm.objects.filter(scheduller=name, failing=True, state__in=states.ACTIVE).count()
         schedullers[name] = {
             "served": name in registry.classes(),
             "counts": counts,
@@ -36,6 +37,7 @@ def collect(now: dt.datetime) -> dict[str, Any]:
             "oldest_deadline": _iso(flight["oldest_deadline"]),
             "past_deadline": unanswered,
             "next_due": _iso(next_due),
+            "failing": failing,
         }
     alive_after = now - dt.timedelta(milliseconds=3 * settings.integer("BEAT_RECORD_INTERVAL"))
     beats = [

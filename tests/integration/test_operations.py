@@ -126,7 +126,7 @@ def test_status_reports_counts_overdue_in_flight_and_beats_with_an_exit_code(bea
     assert info["in_flight"] == 1 and info["oldest_deadline"] is not None
     assert info["overdue"] == 1 and 0.5 < info["oldest_overdue_seconds"] < 60
     assert info["next_due"].startswith((now + dt.timedelta(hours=1)).date().isoformat())
-    assert report["healthy"] is True
+    assert report["healthy"] is True and info["failing"] == 0
     assert [b["name"] for b in report["beats"]] == [scheduler.alarm_engine.name]
     assert BeatRecord.objects.count() == 1
 
@@ -135,8 +135,9 @@ def test_status_reports_counts_overdue_in_flight_and_beats_with_an_exit_code(bea
     with pytest.raises(CommandError, match=r"overdue for 6\d\d\.\d+s") as failed:
         call_command("scheduller_status", "--max-overdue", "60")
     assert failed.value.returncode == 1
+    Alarm.objects.filter(message_id="future").update(failing=True)  # retried after an error
     text = call_command_output("scheduller_status", "--max-overdue", "3600")
-    assert "overdue 1, oldest 6" in text and "beat " in text
+    assert "overdue 1, oldest 6" in text and "beat " in text and "failing 1 (retried" in text
 
 
 @pytest.mark.usefixtures("worker")

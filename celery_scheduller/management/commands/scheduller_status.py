@@ -40,6 +40,9 @@ class Command(BaseCommand):
             served = "" if info["served"] else "  (not in CELERY_SCHEDULLER_CLASSES: nobody delivers these)"
             self.stdout.write(f"{name}{served}")
             self.stdout.write(f"  {counts}")
+            self.stdout.write(
+                f"  failing {info['failing']} (retried after an error or a timeout), failed {info['counts']['failed']}"
+            )
             oldest = info["oldest_overdue_seconds"]
             self.stdout.write(f"  overdue {info['overdue']}" + (f", oldest {oldest:.1f}s" if oldest else ""))
             self.stdout.write(
