@@ -103,7 +103,7 @@ class Cluster:
             "-l",
             "INFO",
             "-Q",
-            "celery",
+            os.environ.get("CSCHED_QUEUE", "celery"),  # the run's own queue, as tests.settings routes to it
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
