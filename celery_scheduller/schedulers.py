@@ -35,6 +35,8 @@ def _log_header_limit(broker: Any) -> None:
     limit = header_limit(broker)
     if limit is None:
         return
+    from django.conf import settings as django_settings
+
     payload = settings.integer("MAX_PAYLOAD")
     logger.info(
         "broker frame_max %s bytes: a delivery's header (ids and assigns) may take %s bytes",
@@ -42,7 +44,8 @@ def _log_header_limit(broker: Any) -> None:
         limit,
         extra={"action": "frame_max"},
     )
-    if payload > limit:
+    if payload > limit and hasattr(django_settings, "CELERY_SCHEDULLER_MAX_PAYLOAD"):
+        # set beyond it on purpose (W002); by default larger assigns are simply refused at dispatch
         logger.warning(
             "CELERY_SCHEDULLER_MAX_PAYLOAD (%s bytes) is more than this broker's header limit (%s bytes): an alarm "
             "whose assigns and ids exceed it is failed at publish, with that reason",
