@@ -37,8 +37,8 @@ MIN_CLAIM_GAP = 0.005
 CLAIM_BATCH = 10
 #: Seconds between looks at the number in flight while MAX_IN_FLIGHT holds claims back.
 THROTTLE_PAUSE = 0.05
-#: Counting the attempts in flight reads one index entry per attempt (18 ms at 60,000 on PostgreSQL), so
-#: beat does not count before every claim when far below MAX_IN_FLIGHT: while the room it last counted,
+#: Counting the attempts in flight reads one index entry per attempt, so beat does not count before every
+#: claim when far below MAX_IN_FLIGHT: while the room it last counted,
 #: less what it claimed since, leaves at least ROOM_SPARE of the cap beside the next claim, it claims
 #: without counting, and counts again at least every ROOM_RECOUNT seconds. Answers only add room; what
 #: other beats claim meanwhile is the one thing the estimate misses, and they would have to claim a

@@ -1,29 +1,17 @@
 """The worker side of publishing ahead: take tasks held for their ``eta`` in as fast as they arrive, and
-free each one when it has run.
+free each one when it has run. Both steps are added to the worker's consumer when ``PUBLISH_AHEAD`` is set
+(the one case where alarms reach workers with an ``eta``) and apply to every ``eta`` task of that worker.
 
-A Celery worker holds a task with an ``eta`` unacknowledged until its time and raises its prefetch count
-by one for each, so holding them leaves room to receive others. Its event loop applies the raised count
-only after its next poll of the broker's socket. Once the tasks held fill the window the broker sends
-nothing more, so that poll waits for the worker's next timer, up to 10 s: measured with Celery 5.7 on
-RabbitMQ, a worker started beside 3,000 waiting tasks with an ``eta`` took in 32 (its initial window) and
-then about 33 more every few seconds, so a burst published seconds ahead mostly reached the worker after
-its due time (``bench/eta_intake.py``). On Redis the window is kept in the worker and the same worker took
-them all in.
+- ``PromptPrefetch``: a worker raises its prefetch count by one per held task but applies the new count
+  only after its next poll of the broker, which can wait up to 10 s once held tasks fill the window. The
+  step applies a raised count before the poll: at once when half an initial window has come in, else
+  within ``SETTLE`` seconds.
+- ``ReleaseTimerEntries``: Celery 5.7 keeps a held task's timer entry on its request, a reference cycle that
+  only the garbage collector's full pass frees (long pauses at high rates). When the entry has fired the
+  step drops it, so the task is freed when it ends.
 
-``PromptPrefetch`` applies a raised count before the poll: at once when half an initial window of tasks
-has come in since the last change, else within ``SETTLE`` seconds, so a steady stream of held tasks
-costs a few prefetch updates a second rather than one per task. It is added to the worker's consumer
-when ``PUBLISH_AHEAD`` is set, the one case where alarms reach workers with an ``eta``; the project's
-own ``eta=`` tasks in that worker are taken in the same way.
-
-``ReleaseTimerEntries`` frees a held task when it has run. Since Celery 5.7 the worker keeps each held
-task's timer entry on its request (``_eta_timer_entry``, to cancel it if the connection is lost), and the
-entry's arguments hold the request: a reference cycle, with the message, its promises and the request's
-dict inside it, about 30 objects per task, that only the garbage collector's full pass frees. Held tasks
-live long enough to reach the oldest generation, so a worker running 1,000 of them a second stopped every
-2 s for that pass, 90–180 ms each time (measured with ``gc.callbacks`` in ``bench/compare.py``'s worker,
-60,000 objects collected per pass), and its tasks started that much late. When the entry has fired, the
-request no longer needs it; the step drops it there, and the task is freed when it ends.
+The internals both rely on are reached through ``compat`` (logged once, and the step inactive, where a
+Celery release moved them). The measurements behind them are in the docs (benchmarks, publishing ahead).
 """
 
 from __future__ import annotations

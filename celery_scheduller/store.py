@@ -305,26 +305,12 @@ def _claim_due_postgresql(
 def _claim_sql(limit: str) -> str:
     """The PostgreSQL claim, taking at most ``limit`` (SQL) rows; parameters from ``_claim_params``.
 
-    The claimed ids are collected first (``ARRAY(…)``, evaluated once) and the rows updated by pk. As
-    ``id IN (SELECT …)`` the planner, not knowing how many the LIMIT lets through, joined the claimed ids
-    with a sequential scan of the whole table: every claim read every row (measured: 15,000 rows read to
-    claim 20).
-
-    The due rows are read per Scheduller (``LATERAL``), each as one range of the (scheduller, state,
-    dispatch_at) index in its order, so a claim reads at most ``limit`` of them per name, and no further
-    than ``until`` when fewer are due. Two earlier forms cost more: the names as one ``ANY(…)`` condition
-    read and sorted every due row (3,432 rows to claim 10, 2 ms a claim; 27,000 rows, 22 ms); the range
-    as a row comparison, which only that index serves, was not stopped at its end by PostgreSQL 15 but
-    where the Scheduller's index entries ended, so a claim that found few rows due read on through all
-    its later alarms and those in flight (140 ms a claim with 1,000,000 pending). Under statistics that
-    know of no pending row (a table emptied or filled since it was analysed) the planner took any index led
-    by ``state`` and sorted the due rows; since migration 0003 only the (state, dispatch_at) one is, which
-    reads them in order too. With several names, the rows locked beyond the outer ``LIMIT``
-    stay pending and are let go when the statement ends.
-
-    The range starts at ``since`` (beat's floor, ``AlarmEngine``): every claimed row leaves an index
-    entry for its pending version behind at the start of the range, which only VACUUM removes; read
-    from the beginning, a claim walks all of them (60,000 in flight, no VACUUM yet: 600 pages a claim).
+    The claimed ids are collected first (``ARRAY(…)``, evaluated once) and the rows updated by pk: as
+    ``id IN (SELECT …)`` the planner joined them with a scan of the whole table. The due rows are read per
+    Scheduller (``LATERAL``), each as one ordered range of the (scheduller, state, dispatch_at) index, so a
+    claim reads about as many rows as it takes. The range starts at ``since`` (beat's floor): each claimed
+    row leaves its pending index entry behind until VACUUM, and a claim from the beginning would walk them.
+    Rows locked beyond the outer ``LIMIT`` stay pending and are let go when the statement ends.
     """
     # the JSON columns as text, decoded row by row (``_claimed``): one undecodable row fails alone
     as_text = {"pk": "id", "raw_request": "raw_request::text", "assigns": "assigns::text"}

@@ -13,16 +13,24 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import redis
 
 from tests.conftest import stop
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "example_project"
-DB_NAME = "csched_acceptance"
-BROKER = "redis://127.0.0.1:6379/13"
+#: this run's own database, and an empty Redis database it claims (.ci/redis_db.py) and gives back
+DB_NAME = f"csched_acceptance_{os.environ.get('CSCHED_RUN', os.getpid())}"
 
 pytestmark = pytest.mark.acceptance
+
+
+def _redis_db():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("redis_db", ROOT / ".ci" / "redis_db.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
@@ -30,19 +38,24 @@ def shop_env(tmp_path):
     with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {DB_NAME}")
-    redis.Redis.from_url(BROKER).flushdb()
+    claims, run = _redis_db(), f"acceptance-{os.getpid()}"
+    number = claims.claim(run)
+    broker = f"redis://127.0.0.1:6379/{number}"
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "shop.settings",
         "SHOP_DB": "postgres",
         "SHOP_DB_NAME": DB_NAME,
-        "SHOP_BROKER": BROKER,
+        "SHOP_BROKER": broker,
         "SHOP_VAR": str(tmp_path),
         "SHOP_KEEP_FINISHED": "0",  # the seed's default: ended alarms are removed at once
         "PYTHONPATH": str(EXAMPLE),
     }
     manage(env, "migrate", "--verbosity", "0")
-    return env
+    yield env
+    claims.release(number, run)
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
 
 
 def manage(env, *argv):
