@@ -46,6 +46,8 @@ def pages() -> list[tuple[str, str | None]]:
         ("search correlation id, one match", f"{base}?q=corr-777"),
         ("search, no match", f"{base}?q=nothing-here"),
         ("search aggregate, history included", f"{base}?q=order-42&status=all"),
+        ("search aggregate, 5,000 matches", f"{base}?q=big-customer"),
+        ("search correlation id, 5,000 matches", f"{base}?q=big-correlation"),
         ("date drill-down: a year", f"{base}?{year}"),
         ("date drill-down: a month", f"{base}?{year}&{month}"),
         ("date drill-down: a day", f"{base}?{year}&{month}&dispatch_at__day={now.day}"),
@@ -81,6 +83,9 @@ def main() -> None:
     started = time.perf_counter()
     fill(args.rows)
     print(f"filled {args.rows:,} alarms in {time.perf_counter() - started:.1f} s")
+    # one customer with thousands of alarms, one correlation id shared by as many: searches with many matches
+    many = Alarm.objects.filter(pk__in=Alarm.objects.order_by("pk").values("pk")[: min(5_000, args.rows)])
+    many.update(aggregate_id="big-customer", correlation_id="big-correlation")
     User.objects.create_superuser("bench", "bench@example.com", "bench")
     client = Client()
     client.force_login(User.objects.get(username="bench"))
