@@ -265,6 +265,17 @@ def prepare_database() -> None:
     subprocess.run([sys.executable, "-m", "django", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
 
 
+def drop_database() -> None:
+    """Remove this run's database when the suite ends."""
+    import psycopg
+
+    with (
+        contextlib.suppress(psycopg.Error),
+        psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn,
+    ):
+        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
+
+
 def purge_broker(broker: str) -> None:
     from kombu import Connection
 
@@ -465,10 +476,13 @@ def main() -> int:
     if args.short and not (args.broker or args.fault):
         plan = short_plan(brokers, faults)
     rows = []
-    for broker, fault in plan:
-        row = run_isolated(broker, fault, alarms, spread)
-        rows.append(row)
-        print_row(row, header=len(rows) == 1)
+    try:
+        for broker, fault in plan:
+            row = run_isolated(broker, fault, alarms, spread)
+            rows.append(row)
+            print_row(row, header=len(rows) == 1)
+    finally:
+        drop_database()
     # the short version must also drain completely; a long run on a small machine may end with a backlog
     bad = [
         r
