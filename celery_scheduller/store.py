@@ -440,7 +440,7 @@ def _end(ref: AttemptRef, state: str, response: Response, now: dt.datetime, deci
             "state = %s, deadline = NULL, finished_at = %s, last_response = %s, updated_at = %s",
             [state, now, compact_json(last), now],
             ref,
-            response,
+            last,
             now,
             decision,
         )
@@ -449,14 +449,15 @@ def _end(ref: AttemptRef, state: str, response: Response, now: dt.datetime, deci
             state=state, deadline=None, finished_at=now, last_response=last, updated_at=now
         )
         if changed:
-            _record_attempt(ref, response, now, decision)
+            _record_attempt(ref, last, now, decision)
     return changed > 0
 
 
 def _update_and_record(
-    assignments: str, values: list[Any], ref: AttemptRef, response: Response, now: dt.datetime, decision: str
+    assignments: str, values: list[Any], ref: AttemptRef, stored: dict[str, Any], now: dt.datetime, decision: str
 ) -> bool:
-    """PostgreSQL: the guarded UPDATE of ``ref`` and the attempt's history row in one statement."""
+    """PostgreSQL: the guarded UPDATE of ``ref`` and the attempt's history row in one statement; ``stored``
+    is the response as stored (``Response.to_json``)."""
     where, params = _published_sql(ref)
     with _bound_cursor() as cursor:
         cursor.execute(
@@ -469,8 +470,8 @@ def _update_and_record(
                 ref.attempt,
                 ref.published_at,
                 now,
-                response.status,
-                response.to_json()["error"] or "",
+                stored["status"],
+                stored["error"] or "",
                 decision[:50],
             ],
         )
@@ -489,7 +490,8 @@ def retry(
 ) -> bool:
     """Store ``message`` as the alarm's next attempt at ``dispatch_at``, if ``ref`` is still current;
     ``callback_failures``: ``service_responded``'s failures in a row so far (0 after a valid answer)."""
-    if connection.vendor == "postgresql" and response is not None:
+    stored = None if response is None else response.to_json()  # made safe once, stored twice
+    if connection.vendor == "postgresql" and stored is not None:
         return _update_and_record(
             "state = %s, task_name = %s, raw_request = %s, assigns = %s, dispatch_at = %s, timeout_ms = %s, "
             "deadline = NULL, last_response = %s, callback_failures = %s, failing = %s, updated_at = %s",
@@ -500,13 +502,13 @@ def retry(
                 _compact(message.assigns, "assigns"),
                 dispatch_at,
                 timeout_ms,
-                compact_json(response.to_json()),
+                compact_json(stored),
                 callback_failures,
                 _failing(response, callback_failures),
                 now,
             ],
             ref,
-            response,
+            stored,
             now,
             decision,
         )
@@ -519,13 +521,13 @@ def retry(
             dispatch_at=dispatch_at,
             timeout_ms=timeout_ms,
             deadline=None,
-            last_response=None if response is None else response.to_json(),
+            last_response=stored,
             callback_failures=callback_failures,
             failing=_failing(response, callback_failures),
             updated_at=now,
         )
-        if changed and response is not None:
-            _record_attempt(ref, response, now, decision)
+        if changed and stored is not None:
+            _record_attempt(ref, stored, now, decision)
     return changed > 0
 
 
@@ -607,14 +609,15 @@ def retry_many(retries: Sequence[NewAttempt]) -> set[int]:
         return {pk for (pk,) in cursor.fetchall()}
 
 
-def _record_attempt(ref: AttemptRef, response: Response, now: dt.datetime, decision: str) -> None:
+def _record_attempt(ref: AttemptRef, stored: dict[str, Any], now: dt.datetime, decision: str) -> None:
+    """The history row of an answered attempt; ``stored`` is its response as stored."""
     AlarmAttempt.objects.create(
         message_id=ref.message_id,
         attempt=ref.attempt,
         published_at=ref.published_at,
         responded_at=now,
-        status=response.status,
-        error=response.to_json()["error"] or "",
+        status=stored["status"],
+        error=stored["error"] or "",
         decision=decision[:50],
     )
 

@@ -195,9 +195,9 @@ def run(result_id: str, worker_id: str | None = None) -> dict[str, Any]:
         if hasattr(value, "__await__"):
             value = async_to_sync(_awaited)(value)
     except Exception as exc:
-        retry_in = record_outcome(result_id, None, "", exc)
+        retry_in = _record_outcome(record, None, "", exc)
     else:
-        retry_in = record_outcome(result_id, value, None)
+        retry_in = _record_outcome(record, value, None)
     if retry_in is not None and current_message() is None:
         # published at once, not an alarm: the retry is one
         backend = _backend(record.backend)
@@ -216,8 +216,11 @@ def record_outcome(result_id: str, value: Any, failure: str | None, exc: BaseExc
     from .models import TaskRecord
 
     record = TaskRecord.objects.filter(pk=result_id).first()
-    if record is None:
-        return None
+    return None if record is None else _record_outcome(record, value, failure, exc)
+
+
+def _record_outcome(record: Any, value: Any, failure: str | None, exc: BaseException | None = None) -> int | None:
+    """``record_outcome`` of a result already read (``run`` holds it)."""
     backend = _backend(record.backend)
     now = timezone.now()
     if failure is None and exc is None:

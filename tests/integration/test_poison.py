@@ -13,7 +13,7 @@ import datetime as dt
 import itertools
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -78,10 +78,6 @@ def forge(message_id: str, at: dt.datetime, task: str = "testapp.record", **fiel
             )
 
 
-def run_until(beat: Callable[..., Any], done: Callable[[], object], timeout: float, what: str) -> None:
-    run_beat(beat(), done, timeout, what)
-
-
 def ended(*ids: str) -> bool:
     return not Alarm.objects.filter(message_id__in=ids, state__in=states.ACTIVE).exists()
 
@@ -116,7 +112,7 @@ def test_a_task_returning_or_raising_text_with_nul_ends_with_it_stored_safely(be
     ids = healthy(at, "nul")
     poison("testapp.poison_text", U("nul-return"), at)
     PoisonAlarms().dispatch(Message.new("testapp.poison_text", {"mode": "raise"}, id=U("nul-raise")), "poison", at=at)
-    run_until(beat, lambda: ended(*ids, U("nul-return"), U("nul-raise")), 30, "every alarm ended")
+    run_beat(beat(), lambda: ended(*ids, U("nul-return"), U("nul-raise")), 30, "every alarm ended")
     assert_healthy(ids, at)
     returned = Alarm.objects.get(message_id=U("nul-return"))
     assert returned.state == states.FINISHED and returned.attempt == 1
@@ -137,7 +133,7 @@ def test_a_retry_with_a_lone_surrogate_fails_its_alarm_alone_on_the_worker_and_t
     poison("testapp.record", U("surrogate-worker"), at, poison="surrogate_retry")
     # the stale queue has no consumer: beat answers the attempt as a timeout, in its callback threads
     poison("testapp.stale", U("surrogate-timeout"), at, poison="surrogate_retry", timeout_ms=500)
-    run_until(beat, lambda: ended(*ids, U("surrogate-worker"), U("surrogate-timeout")), 40, "every alarm ended")
+    run_beat(beat(), lambda: ended(*ids, U("surrogate-worker"), U("surrogate-timeout")), 40, "every alarm ended")
     assert_healthy(ids, at)
     for message_id in (U("surrogate-worker"), U("surrogate-timeout")):
         assert failed_with(message_id, "failed 4 times in a row", "lone surrogate")["attempt"] == 4
@@ -148,7 +144,7 @@ def test_a_retry_with_a_5_mb_message_is_refused_and_its_alarm_fails(beat):
     at = timezone.now() + LEAD
     ids = healthy(at, "huge")
     poison("testapp.record", U("huge-retry"), at, poison="huge_retry")
-    run_until(beat, lambda: ended(*ids, U("huge-retry")), 40, "every alarm ended")
+    run_beat(beat(), lambda: ended(*ids, U("huge-retry")), 40, "every alarm ended")
     assert_healthy(ids, at)
     failed_with(U("huge-retry"), "failed 4 times in a row", "more than CELERY_SCHEDULLER_MAX_PAYLOAD")
     assert len(json.dumps(Alarm.objects.get(message_id=U("huge-retry")).assigns)) < 1_000  # never stored
@@ -158,7 +154,7 @@ def test_a_callback_that_always_raises_fails_after_the_cap_with_a_growing_back_o
     at = timezone.now() + LEAD
     ids = healthy(at, U("raising"))
     poison("testapp.record", U("raising"), at, poison="raise")
-    run_until(beat, lambda: ended(*ids, U("raising")), 40, "every alarm ended")
+    run_beat(beat(), lambda: ended(*ids, U("raising")), 40, "every alarm ended")
     assert_healthy(ids, at)
     failed_with(U("raising"), "failed 4 times in a row", "RuntimeError: service_responded is broken")
     attempts = AlarmAttempt.objects.filter(message_id=U("raising")).order_by("attempt")
@@ -178,7 +174,7 @@ def test_a_slow_callback_on_a_timeout_delays_only_its_own_alarm(beat):
     later = at + dt.timedelta(seconds=1.5)  # due while the first call sleeps
     ids = healthy(later, U("sleepy"))
     with override_settings(CELERY_SCHEDULLER_CALLBACK_BUDGET=1_000):
-        run_until(beat, lambda: ended(*ids, U("sleepy")), 60, "every alarm ended")
+        run_beat(beat(), lambda: ended(*ids, U("sleepy")), 60, "every alarm ended")
     assert_healthy(ids, later)
     failed_with(U("sleepy"), "failed 4 times in a row", "ran longer than CALLBACK_BUDGET (1000 ms)")
 
@@ -196,7 +192,7 @@ def test_deep_nesting_is_refused_at_dispatch_and_a_deep_row_fails_alone_in_beat(
     at = timezone.now() + LEAD
     ids = healthy(at, "deep")
     forge(U("deep-row"), at, raw_request=deep_json)
-    run_until(beat, lambda: ended(*ids, U("deep-row")), 30, "every alarm ended")
+    run_beat(beat(), lambda: ended(*ids, U("deep-row")), 30, "every alarm ended")
     assert_healthy(ids, at)
     failed_with(U("deep-row"), "the stored message cannot be read", "RecursionError")
     assert not Run.objects.filter(message_id=U("deep-row")).exists()
@@ -213,7 +209,7 @@ def test_a_large_raw_request_is_delivered_on_either_broker_and_large_assigns_fit
         forge(U("large-assigns"), at, assigns=json.dumps({"blob": "y" * 200_000, "dispatch_at": None}))
     else:
         PoisonAlarms().dispatch(big_assigns, "poison", at=at)
-    run_until(beat, lambda: ended(*ids, U("large-raw"), U("large-assigns")), 30, "every alarm ended")
+    run_beat(beat(), lambda: ended(*ids, U("large-raw"), U("large-assigns")), 30, "every alarm ended")
     assert_healthy(ids, at)
     assert Alarm.objects.get(message_id=U("large-raw")).state == states.FINISHED
     assert len(Run.objects.get(message_id=U("large-raw")).kwargs["blob"]) == 200_000
@@ -236,7 +232,7 @@ def test_a_task_only_workers_know_is_delivered_and_one_no_worker_knows_comes_bac
     for message_id, task in ((U("new-task"), "testapp.worker_only"), (U("no-task"), "testapp.nowhere")):
         message = Message.new(task, id=message_id, assigns={"dispatch_at": at})
         store.insert([[NewAlarm(PoisonAlarms.name, message, "poison", 5_000)]], keep_history=True)
-    run_until(beat, lambda: ended(*ids, U("new-task"), U("no-task")), 30, "every alarm ended")
+    run_beat(beat(), lambda: ended(*ids, U("new-task"), U("no-task")), 30, "every alarm ended")
     assert_healthy(ids, at)
     assert Alarm.objects.get(message_id=U("new-task")).state == states.FINISHED
     assert Run.objects.filter(message_id=U("new-task")).count() == 1
@@ -328,19 +324,17 @@ def test_an_action_on_more_alarms_than_the_bound_is_refused_and_a_smaller_one_re
 def test_pickle_allowed_on_the_celery_app_itself_is_reported():
     from tests.celery_app import app
 
-    before = app.conf.accept_content
     app.conf.accept_content = ["pickle", "json"]
     try:
         found = [message.id for message in checks.run_checks() if message.id.startswith("celery_scheduller")]
     finally:
-        app.conf.accept_content = before
+        app.conf.changes.pop("accept_content")  # back to what Django's settings say, not a copy of it
     assert "celery_scheduller.E001" in found
 
 
 def test_a_max_payload_set_beyond_what_a_rabbitmq_header_carries_is_reported():
     from tests.celery_app import app
 
-    before = app.conf.broker_url
     app.conf.broker_url = "amqp://guest:guest@127.0.0.1:5672//"
     try:
         with override_settings(CELERY_SCHEDULLER_MAX_PAYLOAD=200_000):
@@ -348,5 +342,5 @@ def test_a_max_payload_set_beyond_what_a_rabbitmq_header_carries_is_reported():
         with override_settings(CELERY_SCHEDULLER_MAX_PAYLOAD=100_000):
             fits = [m for m in checks.run_checks() if m.id == "celery_scheduller.W002"]
     finally:
-        app.conf.broker_url = before
+        app.conf.changes.pop("broker_url")
     assert len(found) == 1 and "122,880 bytes" in found[0].msg and not fits

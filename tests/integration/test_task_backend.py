@@ -31,12 +31,18 @@ pytestmark = [
 ]
 
 
-def finished(result, timeout: float = 15) -> None:
+def is_finished(result):
+    """A condition for ``wait_for`` / ``run_beat``: the result, refreshed, has finished."""
+
     def done() -> bool:
         result.refresh()
         return result.is_finished
 
-    wait_for(done, timeout, f"task result {result.id}")
+    return done
+
+
+def finished(result, timeout: float = 15) -> None:
+    wait_for(is_finished(result), timeout, f"task result {result.id}")
 
 
 def test_the_backend_declares_what_it_supports():
@@ -84,13 +90,7 @@ def test_run_after_stores_an_alarm_that_beat_delivers_at_that_time(beat):
     alarm = Alarm.objects.get(aggregate_id=result.id)
     assert alarm.scheduller == "django_tasks" and alarm.dispatch_at == run_after
     assert result.status == TaskResultStatus.READY
-    scheduler = beat()
-
-    def done() -> bool:
-        result.refresh()
-        return result.is_finished
-
-    run_beat(scheduler, done, 15, "the deferred task")
+    run_beat(beat(), is_finished(result), 15, "the deferred task")
     assert result.status == TaskResultStatus.SUCCESSFUL and result.return_value == 2
     assert result.started_at >= run_after
 
@@ -109,22 +109,12 @@ def test_enqueue_is_transactional():
 def test_a_retry_policy_runs_a_failed_task_again_with_a_back_off(beat):
     result = jobs.flaky.enqueue(succeed_on=3)
     scheduler = beat()
-
-    def done() -> bool:
-        result.refresh()
-        return result.is_finished
-
-    run_beat(scheduler, done, 20, "the retried task")
+    run_beat(scheduler, is_finished(result), 20, "the retried task")
     assert result.status == TaskResultStatus.SUCCESSFUL and result.return_value == 3
     assert result.attempts == 3 and len(result.errors) == 2
     assert "RuntimeError: attempt 1 failed" in result.errors[0].traceback
     exhausted = jobs.flaky.enqueue(succeed_on=10)
-
-    def gave_up() -> bool:
-        exhausted.refresh()
-        return exhausted.is_finished
-
-    run_beat(scheduler, gave_up, 20, "the task to give up")
+    run_beat(scheduler, is_finished(exhausted), 20, "the task to give up")
     assert exhausted.status == TaskResultStatus.FAILED and exhausted.attempts == 3
 
 
