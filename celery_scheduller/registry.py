@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.utils.module_loading import import_string
 
@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 _lock = threading.Lock()
 _classes: dict[str, type[Scheduller]] | None = None
 _classes_from: tuple[str, ...] | None = None
-_instances: dict[str, Scheduller] = {}
+#: per class: the state its callbacks run on in this process, and the instance built with it
+_states: dict[type[Scheduller], Any] = {}
+_instances: dict[type[Scheduller], Scheduller] = {}
 
 
 def classes() -> dict[str, type[Scheduller]]:
@@ -62,21 +64,51 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Scheduller:
-    """The instance serving ``name``: the last one constructed in this process, else a new ``cls()``."""
+    """The instance whose callbacks serve ``name`` in this process: one per class, built with the class's
+    state (``served_state``). Constructing more instances, with or without that state, does not change it."""
     cls = classes().get(name)
     if cls is None:
         raise UnknownScheduller(f"no Scheduller named {name!r} in CELERY_SCHEDULLER_CLASSES")
     with _lock:
-        instance = _instances.get(name)
-    if instance is None or type(instance) is not cls:
-        instance = cls()
+        instance = _instances.get(cls)
+    if instance is None:
+        instance = cls(state=served_state(cls))
+        with _lock:
+            instance = _instances.setdefault(cls, instance)
     return instance
 
 
-def serve(instance: Scheduller) -> None:
-    """Make ``instance`` (and its ``state``) the one this process calls back for its name."""
+def served_state(cls: type[Scheduller]) -> Any:
+    """The state ``cls``'s callbacks run on here (None until a construction gave one)."""
     with _lock:
-        _instances[instance.scheduller_name()] = instance
+        return _states.get(cls)
+
+
+def serve(cls: type[Scheduller], state: Any, *, replace: bool = False) -> None:
+    """Record ``state`` as the one ``cls``'s callbacks run on in this process.
+
+    The first construction with a state sets it; a later one with a different state is refused (as the seed
+    refuses a second ``start_link``), so no view or thread can swap it under a running callback.
+    ``replace`` (``Scheduller.use_state``) swaps it on purpose: callbacks already running keep the old one.
+    """
+    if state is None and not replace:
+        return
+    with _lock:
+        if not replace and _states.get(cls) is not None and not _same(_states[cls], state):
+            raise ConfigurationError(
+                f"{cls.__qualname__} already serves this process with another state; construct it with its "
+                f"state once (at module level) or call {cls.__qualname__}.use_state(...) to replace it"
+            )
+        _states[cls] = state
+        if replace:
+            _instances.pop(cls, None)
+
+
+def _same(current: Any, state: Any) -> bool:
+    try:
+        return bool(current is state or current == state)
+    except Exception:  # a state whose == raises is compared by identity
+        return False
 
 
 def check_served(cls: type[Scheduller]) -> None:

@@ -97,8 +97,9 @@ def _now() -> dt.datetime:
 class Scheduller:
     """Subclass this, list it in ``CELERY_SCHEDULLER_CLASSES`` and implement ``service_responded``.
 
-    ``state`` is kept as ``self.state``. The instance constructed last in a process is the one that
-    process (web, beat, worker) calls back; where none was constructed, ``cls()`` is used.
+    ``state`` is kept as ``self.state``. Callbacks run on one instance per class and process, built with
+    the state the class was first constructed with (``use_state`` replaces it); constructing more
+    instances (in views, in threads) does not change what callbacks see.
     """
 
     #: The name alarms are stored under; default: the dotted path of the class.
@@ -106,7 +107,13 @@ class Scheduller:
 
     def __init__(self, state: Any = None) -> None:
         self.state = state
-        registry.serve(self)
+        registry.serve(type(self), state)
+
+    @classmethod
+    def use_state(cls, state: Any) -> None:
+        """Replace the state this class's callbacks run on in this process (a construction with a
+        different state is refused instead)."""
+        registry.serve(cls, state, replace=True)
 
     @classmethod
     def scheduller_name(cls) -> str:

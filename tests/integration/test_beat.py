@@ -20,8 +20,16 @@ from tests.testapp.models import Answer, Run
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker, pytest.mark.usefixtures("worker")]
 
 
-def test_only_the_window_is_held_and_later_windows_load_on_time(beat):
-    alarms = TestAlarms(state={"interval_ms": 1000})  # window: the next 2 s, reloaded every second
+@pytest.fixture
+def short_window():
+    """TestAlarms' callbacks with a window of the next 2 s, reloaded every second, for one test."""
+    TestAlarms.use_state({"interval_ms": 1000})
+    yield TestAlarms()
+    TestAlarms.use_state(None)
+
+
+def test_only_the_window_is_held_and_later_windows_load_on_time(beat, short_window):
+    alarms = short_window
     near = alarms.dispatch(Message.new("testapp.record", id="near"), "agg", in_ms=1000)
     far = alarms.dispatch(Message.new("testapp.record", id="far"), "agg", in_ms=4500)
     scheduler = beat()
