@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import time
 from typing import Any
 
 import redis
 from celery import shared_task
 from django.conf import settings
+
+from celery_scheduller.wire import HEADER, read_header
 
 _hits = redis.Redis.from_url(settings.HITS_URL)
 
@@ -21,8 +21,9 @@ def _published_at(request: Any) -> str:
     )
     if not raw:
         return "-"
-    published = json.loads(raw)["ref"]["published_at"]
-    return repr(dt.datetime.fromisoformat(published).timestamp()) if published else "-"
+    found = read_header({HEADER: raw}, None)  # the signed header, read as the worker's hook reads it
+    published = found[0].published_at if found else None
+    return repr(published.timestamp()) if published else "-"
 
 
 @shared_task(name="bench.hit", bind=True)
