@@ -111,7 +111,7 @@ class CallbackRunner:
         thread.start()
 
     def _run(self) -> None:
-        from django.db import connection
+        from . import db
 
         me = threading.current_thread()
         try:
@@ -145,7 +145,7 @@ class CallbackRunner:
         finally:
             with self._lock:
                 self._threads.pop(me, None)
-            connection.close()
+            db.connection().close()
 
     def _store(self, decided: responses.Decided) -> None:
         try:

@@ -22,15 +22,43 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         *_check_values(),
         *_check_broker(),
         *_check_driver(),
+        *_check_database(),
+    ]
+
+
+def _check_database() -> list[CheckMessage]:
+    """The package's database (``DATABASE``, else the routers' alias for ``Alarm``) must hold its tables."""
+    from django.db import router
+
+    from . import db
+    from .models import Alarm
+
+    try:
+        alias = db.alias()
+    except Exception:
+        return []  # an invalid DATABASE: reported by E005
+    if router.allow_migrate_model(alias, Alarm):
+        return []
+    return [
+        Error(
+            f"celery_scheduller uses the database {alias!r}, but the database routers do not migrate its tables "
+            "there.",
+            hint=f"Let a router's allow_migrate() return True for app 'celery_scheduller' on {alias!r}, or set "
+            f"{PREFIX}DATABASE to the alias that holds its tables; then run `manage.py migrate --database <alias>`.",
+            id="celery_scheduller.E007",
+        )
     ]
 
 
 def _check_driver() -> list[CheckMessage]:
     """On PostgreSQL the package's statements need psycopg 3 (server-side binding, pipelines, LISTEN)."""
-    from django.db import connections
+    from . import db
 
-    if not any(connections[alias].vendor == "postgresql" for alias in connections):
-        return []
+    try:
+        if db.vendor() != "postgresql":
+            return []
+    except Exception:
+        return []  # an invalid DATABASE: reported by E005
     try:
         import psycopg  # noqa: F401
     except ImportError:

@@ -36,8 +36,9 @@ class DatabaseClock:
         return dt.datetime.fromtimestamp(self.now(), dt.UTC)
 
     def _sync(self) -> None:
-        from django.db import connection
+        from . import db
 
+        connection = db.connection()
         if connection.vendor == "sqlite":
             self.offset = 0.0
             return

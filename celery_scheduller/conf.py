@@ -13,6 +13,7 @@ import datetime as dt
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.core.signals import setting_changed
 
 from .exceptions import ConfigurationError
 
@@ -40,6 +41,13 @@ class Spec:
         """``value`` if it fits this spec; ``ConfigurationError`` naming the setting and its unit."""
         if value is None and self.none_allowed:
             return None
+        if self.name == "DATABASE":
+            if not isinstance(value, str) or value not in django_settings.DATABASES:
+                raise ConfigurationError(
+                    f"{PREFIX}DATABASE must be None or an alias in DATABASES "
+                    f"({', '.join(sorted(django_settings.DATABASES))}), got {value!r}"
+                )
+            return value
         if self.unit == "":
             return value
         if self.name == "KEEP_FINISHED" and isinstance(value, dt.timedelta):
@@ -58,6 +66,15 @@ class Spec:
 
 SPECS: tuple[Spec, ...] = (
     Spec("CLASSES", [], "", "Dotted paths of every Scheduller class that beat and workers serve."),
+    Spec(
+        "DATABASE",
+        None,
+        "",
+        "The alias (a key of ``DATABASES``) of the database every alarm table, statement and transaction of "
+        "the package uses. None: the alias the database routers give for writing ``Alarm`` (``default`` "
+        "without routers). Reads use it too.",
+        none_allowed=True,
+    ),
     Spec(
         "POLL_INTERVAL",
         500,
@@ -148,12 +165,29 @@ DEFAULTS: dict[str, Any] = {spec.name: spec.default for spec in SPECS}
 
 
 class Settings:
-    """The package's settings, read from Django settings at each access and checked against their spec."""
+    """The package's settings, each read from Django settings and checked against its spec once, then kept
+    until Django's ``setting_changed`` (tests' ``override_settings``) says it changed."""
+
+    def __init__(self) -> None:
+        self._checked: dict[str, Any] = {}
 
     def get(self, name: str) -> Any:
         """The setting ``name`` (without the prefix), checked; ``ConfigurationError`` if it does not fit."""
+        try:
+            return self._checked[name]
+        except KeyError:
+            pass
         spec = _SPECS[name]
-        return spec.check(getattr(django_settings, PREFIX + name, spec.default))
+        value = spec.check(getattr(django_settings, PREFIX + name, spec.default))
+        self._checked[name] = value
+        return value
+
+    def changed(self, setting: str) -> None:
+        """Forget what was read of ``setting`` (a Django setting's name)."""
+        if setting.startswith(PREFIX):
+            self._checked.pop(setting.removeprefix(PREFIX), None)
+        elif setting == "DATABASES":
+            self._checked.pop("DATABASE", None)
 
     def integer(self, name: str) -> int:
         """``get`` of a setting whose value is an integer (ms, alarms, bytes…)."""
@@ -213,3 +247,10 @@ class Settings:
 
 
 settings = Settings()
+
+
+def _setting_changed(*, setting: str, **kwargs: Any) -> None:
+    settings.changed(setting)
+
+
+setting_changed.connect(_setting_changed)

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from django.db import models
 
 from . import states
+
+_M = TypeVar("_M", bound=models.Model)
+
+
+class PackageManager(models.Manager[_M]):
+    """Every query of the package's models on the package's database (``db.alias``): the setting, else
+    the routers' alias for writing ``Alarm``."""
+
+    def get_queryset(self) -> models.QuerySet[_M]:
+        from . import db
+
+        return super().get_queryset().using(db.alias())
 
 
 class Alarm(models.Model):
@@ -42,6 +56,8 @@ class Alarm(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = PackageManager()
+
     class Meta:
         # Declared here rather than with unique=/db_index= on the fields: those add a second, LIKE-pattern
         # index per text column on PostgreSQL, which every insert pays for and no query here uses.
@@ -78,6 +94,8 @@ class AlarmAttempt(models.Model):
     error = models.TextField(blank=True, default="")
     decision = models.CharField(max_length=50, blank=True, default="")
 
+    objects = PackageManager()
+
     class Meta:
         indexes = [models.Index(fields=["message_id", "attempt"], name="csched_attempt_msg")]
 
@@ -95,6 +113,8 @@ class BeatRecord(models.Model):
     windows = models.JSONField(default=dict)
     published = models.PositiveBigIntegerField(default=0)
     timeouts = models.PositiveBigIntegerField(default=0)
+
+    objects = PackageManager()
 
     def __str__(self) -> str:
         return self.name
@@ -122,6 +142,8 @@ class TaskRecord(models.Model):
     last_attempted_at = models.DateTimeField(null=True, blank=True)
     #: When the result stops being readable (finished + the backend's RESULT_TTL); pruned by beat after it
     expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    objects = PackageManager()
 
     def __str__(self) -> str:
         return f"{self.task_path} {self.id} ({self.status})"

@@ -18,9 +18,9 @@ CHANNEL = "celery_scheduller"
 
 def supported() -> bool:
     """True when the database carries announcements (PostgreSQL)."""
-    from django.db import connection
+    from . import db
 
-    return connection.vendor == "postgresql"
+    return db.vendor() == "postgresql"
 
 
 def announce(scheduller: str, earliest: dt.datetime, latest: dt.datetime) -> None:
@@ -65,7 +65,9 @@ class Listener:
     def _connect(self) -> None:
         from django.db import connections
 
-        wrapper = connections["default"]
+        from . import db
+
+        wrapper = connections[db.alias()]
         if wrapper.vendor != "postgresql":
             self.available = False
             return

@@ -9,9 +9,7 @@ import logging
 import random
 from collections.abc import Iterator, Sequence
 
-from django.db import connection, transaction
-
-from . import registry, signals, store
+from . import db, registry, signals, store
 from .conf import settings
 from .message import Message, Response, describe
 from .scheduller import Retry, due_time, validate_decision
@@ -195,10 +193,11 @@ def _store_alone(decided: Decided) -> str:
 def _savepoint() -> contextlib.AbstractContextManager[object]:
     """A savepoint when the caller holds a transaction (a failed statement would spoil it), else nothing:
     in autocommit every statement is its own transaction already."""
-    return transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+    return db.atomic() if db.connection().in_atomic_block else contextlib.nullcontext()
 
 
 def _connection_usable() -> bool:
+    connection = db.connection()
     return connection.connection is not None and connection.is_usable()
 
 

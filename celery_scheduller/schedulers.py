@@ -86,13 +86,16 @@ class AlarmSide:
         paused on, never raised."""
         if now < self._alarm_pause_until:
             return self._alarm_pause_until - now
-        from django.db import DatabaseError, close_old_connections, connection
+        from django.db import DatabaseError, close_old_connections
+
+        from . import db
 
         try:
             return self.alarm_engine.tick(now, self._producer_for_alarms())
         except DatabaseError:
             logger.exception("database error in beat; retrying in %ss", ERROR_PAUSE, extra={"action": "db_error"})
             close_old_connections()
+            connection = db.connection()
             if connection.connection is not None and not connection.is_usable():
                 connection.close()
         except Exception:

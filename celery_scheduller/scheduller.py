@@ -9,9 +9,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Final, final
 
 from asgiref.sync import sync_to_async
-from django.db import transaction
 
-from . import registry
+from . import db, registry
 from .conf import settings
 from .exceptions import InvalidAlarm
 from .message import Message, refuse_nul, storable_json
@@ -230,7 +229,7 @@ class Scheduller:
 
         if type(self).save_alarm is not Scheduller.save_alarm:
             prepared = checked(alarms)
-            with transaction.atomic():
+            with db.atomic():
                 self._save(prepared)
             return [message for (message, _raw, _assigns), _aggregate in prepared]
         scheduled: list[Message] = []
@@ -241,7 +240,7 @@ class Scheduller:
                 scheduled.extend(message for (message, _raw, _assigns), _aggregate in prepared)
                 yield self._new_prepared(prepared)
 
-        with transaction.atomic():
+        with db.atomic():
             self._insert(batches(), pipelined=len(alarms) > _DISPATCH_BATCH)
         return scheduled
 
@@ -302,7 +301,7 @@ class Scheduller:
             aggregate_id=aggregate_id,
         )
         if ahead:
-            transaction.on_commit(lambda: _revoke(ahead))
+            db.on_commit(lambda: _revoke(ahead))
         if cancelled:
             signals.send(signals.alarm_cancelled, name, message_ids=cancelled)
         return cancelled

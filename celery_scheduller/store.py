@@ -14,10 +14,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from django.db import connection, transaction
 from django.db.models import F, Q, QuerySet
 
-from . import compat, states
+from . import compat, db, states
 from .exceptions import SchedullerError
 from .message import Message, Response, compact_json, from_json_value, to_json_value
 from .models import Alarm, AlarmAttempt, BeatRecord
@@ -54,6 +53,7 @@ def _bound_cursor(*, binary: bool = False) -> Any:
     the worker's hook and beat's claim run the same few statements for every alarm."""
     import psycopg
 
+    connection = db.connection()
     connection.ensure_connection()
     cursor = psycopg.Cursor(connection.connection)
     if binary:  # results in binary: no text parsing of timestamps, JSON decoded by psycopg
@@ -99,15 +99,15 @@ def insert(batches: Iterable[Sequence[NewAlarm]], keep_history: bool, *, pipelin
     storing one batch while the caller makes the next (``dispatch_many`` checks and encodes its messages
     there). An error of either side leaves the batches sent so far to the caller's transaction to roll back.
     """
-    if pipelined and connection.vendor == "postgresql" and not keep_history and _pipeline_supported():
-        with _bound_cursor() as cursor, connection.connection.pipeline():
+    if pipelined and db.vendor() == "postgresql" and not keep_history and _pipeline_supported():
+        with _bound_cursor() as cursor, db.connection().connection.pipeline():
             for batch in batches:
                 cursor.execute(_INSERT_POSTGRESQL, [states.PENDING, *_columns(batch)])
         return
     for batch in batches:
         if keep_history:
             _remove_ended([new.message.id for new in batch])
-        if connection.vendor == "postgresql":
+        if db.vendor() == "postgresql":
             columns = _columns(batch)
             with _bound_cursor() as cursor:
                 if len(batch) == 1:  # ``dispatch``: one row costs less to send than ten one-element arrays
@@ -210,7 +210,7 @@ _IN_FLIGHT_SQL = f"SELECT 1 FROM {_ALARM} WHERE state = %s AND scheduller = ANY(
 
 def count_in_flight(schedullers: Sequence[str], up_to: int) -> int:
     """How many attempts of these Schedullers are published and unanswered, counting at most ``up_to``."""
-    if connection.vendor == "postgresql":  # beat asks before every claim: a prepared statement, not the ORM
+    if db.vendor() == "postgresql":  # beat asks before every claim: a prepared statement, not the ORM
         with _bound_cursor() as cursor:
             cursor.execute(f"SELECT count(*) FROM ({_IN_FLIGHT_SQL}) f", [states.PUBLISHED, list(schedullers), up_to])
             return int(cursor.fetchone()[0])
@@ -232,12 +232,12 @@ def claim_due(
     claimed by exactly one of them. Returned rows carry the new ``attempt`` and ``deadline``.
     """
     until = now if until is None else until
-    if connection.vendor == "postgresql":
+    if db.vendor() == "postgresql":
         return _claim_due_postgresql(schedullers, now, limit, until, since)
     due = Alarm.objects.filter(state=states.PENDING, scheduller__in=schedullers, dispatch_at__lte=until)
     if since is not None:
         due = due.filter(dispatch_at__gte=since)
-    with transaction.atomic():
+    with db.atomic():
         rows = list(due.select_for_update(skip_locked=True).order_by("dispatch_at").values(*ROW_FIELDS)[:limit])
         # one update per timeout for the due alarms, one per timeout for those published ahead
         groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
@@ -272,7 +272,7 @@ def claim_due_within(
     """``claim_due`` of at most the room ``cap`` leaves beside the attempts in flight; returns that room
     (``cap`` minus ``count_in_flight``, before this claim) and the claimed rows. One statement on
     PostgreSQL, where beat claims this way before every batch: a round trip less per claim."""
-    if connection.vendor != "postgresql":
+    if db.vendor() != "postgresql":
         room = cap - count_in_flight(schedullers, cap)
         return room, claim_due(schedullers, now, min(limit, room), until, since) if room > 0 else []
     with _bound_cursor(binary=True) as cursor:
@@ -395,7 +395,7 @@ def finish(ref: AttemptRef, response: Response, now: dt.datetime, keep_history: 
 
 def finishes_in_one_statement(keep_history: bool) -> bool:
     """Whether ``finish_many`` ends many alarms in one statement here (PostgreSQL, history not kept)."""
-    return not keep_history and connection.vendor == "postgresql"
+    return not keep_history and db.vendor() == "postgresql"
 
 
 # The rows are found by pk alone (``id = ANY``); the state is compared in the join, not as a filter of
@@ -435,7 +435,7 @@ def fail(ref: AttemptRef, reason: str, now: dt.datetime) -> bool:
 def _end(ref: AttemptRef, state: str, response: Response, now: dt.datetime, decision: str) -> bool:
     """Keep the alarm as history in the ended ``state``, recording its last attempt."""
     last = response.to_json()
-    if connection.vendor == "postgresql":
+    if db.vendor() == "postgresql":
         return _update_and_record(
             "state = %s, deadline = NULL, finished_at = %s, last_response = %s, updated_at = %s",
             [state, now, compact_json(last), now],
@@ -444,7 +444,7 @@ def _end(ref: AttemptRef, state: str, response: Response, now: dt.datetime, deci
             now,
             decision,
         )
-    with transaction.atomic():
+    with db.atomic():
         changed = _published(ref).update(
             state=state, deadline=None, finished_at=now, last_response=last, updated_at=now
         )
@@ -491,7 +491,7 @@ def retry(
     """Store ``message`` as the alarm's next attempt at ``dispatch_at``, if ``ref`` is still current;
     ``callback_failures``: ``service_responded``'s failures in a row so far (0 after a valid answer)."""
     stored = None if response is None else response.to_json()  # made safe once, stored twice
-    if connection.vendor == "postgresql" and stored is not None:
+    if db.vendor() == "postgresql" and stored is not None:
         return _update_and_record(
             "state = %s, task_name = %s, raw_request = %s, assigns = %s, dispatch_at = %s, timeout_ms = %s, "
             "deadline = NULL, last_response = %s, callback_failures = %s, failing = %s, updated_at = %s",
@@ -512,7 +512,7 @@ def retry(
             now,
             decision,
         )
-    with transaction.atomic():
+    with db.atomic():
         changed: int = _published(ref).update(
             state=states.PENDING,
             task_name=message.service_name,
@@ -538,7 +538,7 @@ def _failing(response: Response | None, callback_failures: int) -> bool:
 
 def retries_in_one_statement() -> bool:
     """Whether ``retry_many`` stores many retries in one statement here (PostgreSQL)."""
-    return connection.vendor == "postgresql"
+    return db.vendor() == "postgresql"
 
 
 # ``retry`` with its history row, for many attempts at once: rows found by pk, guarded in the join as in
@@ -631,7 +631,7 @@ def lease_timeouts(
     takes the attempt over once the lease runs out. A late worker response no longer matches the
     deadline and is ignored.
     """
-    with transaction.atomic():
+    with db.atomic():
         rows = list(
             Alarm.objects.select_for_update(skip_locked=True)
             .filter(Q(deadline__lte=now) | Q(deadline__isnull=True), state=states.PUBLISHED, scheduller__in=schedullers)
@@ -667,7 +667,7 @@ def cancel(
     query = (
         active.filter(aggregate_id=aggregate_id) if aggregate_id else active.filter(message_id__in=list(message_ids))
     )
-    with transaction.atomic():
+    with db.atomic():
         # Locked as read: a beat claiming one of them meanwhile (publishing it ahead) has it locked, so this
         # waits and reads it published, and the caller revokes it; a later claim no longer finds it pending.
         found = list(query.select_for_update().values_list("pk", "message_id", "state", "attempt", "dispatch_at"))
@@ -720,7 +720,7 @@ def restart(scheduller: str, message_id: str, dispatch_at: dt.datetime, now: dt.
 
 def prune(before: dt.datetime, limit: int) -> int:
     """Remove up to ``limit`` ended alarms (and their attempt history) that ended before ``before``."""
-    with transaction.atomic():
+    with db.atomic():
         found = list(
             Alarm.objects.filter(state__in=states.TRANSITIONS["prune"], finished_at__lt=before)
             .order_by("finished_at")

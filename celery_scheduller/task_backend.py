@@ -25,11 +25,11 @@ import traceback
 from typing import Any
 
 from asgiref.sync import async_to_sync
-from django.db import transaction
 from django.utils import timezone
 from django.utils.crypto import get_random_string
 from django.utils.module_loading import import_string
 
+from . import db
 from .exceptions import ConfigurationError
 from .message import Message
 from .scheduller import OK, Retry, Scheduller
@@ -93,7 +93,7 @@ class AlarmTaskBackend(BaseTaskBackend):
             enqueued_at=now,
         )
         if task.run_after is None:
-            transaction.on_commit(lambda: self._publish(record.pk, task.queue_name, task.priority))
+            db.on_commit(lambda: self._publish(record.pk, task.queue_name, task.priority))
         else:
             TaskAlarms().dispatch(
                 self._message(record.pk, task.queue_name, task.priority), record.pk, at=task.run_after

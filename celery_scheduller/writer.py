@@ -92,7 +92,7 @@ class ResponseWriter:
             self._pid = os.getpid()
 
     def _run(self, pending: queue.SimpleQueue[Decided | threading.Event]) -> None:
-        from django.db import connection
+        from . import db
 
         _own_connection()
         stops: list[threading.Event] = []
@@ -113,14 +113,12 @@ class ResponseWriter:
                     stops.append(item)
                 elif isinstance(item, threading.Event):
                     item.set()
-        connection.close()
+        db.connection().close()
         for stop in stops:
             stop.set()
 
     def _store(self, decisions: Sequence[Decided]) -> None:
-        from django.db import connection
-
-        from . import responses
+        from . import db, responses
 
         for last_try in (False, True):
             try:
@@ -130,7 +128,7 @@ class ResponseWriter:
                 # Most often a connection the server dropped while idle: reconnect and store again.
                 # Every write names the attempt it answers, so what the first try stored is not stored
                 # twice (it is logged as ignored). Left unstored, the attempts time out and are retried.
-                connection.close()
+                db.connection().close()
                 if last_try:
                     logger.exception(
                         "storing %d responses failed; their attempts will time out and be delivered again",
@@ -143,9 +141,9 @@ class ResponseWriter:
 def serves() -> bool:
     """Whether decisions go through the process's response writer: on every database but SQLite, whose
     single writer lock a second connection per process would only contend for."""
-    from django.db import connections
+    from . import db
 
-    return connections["default"].vendor != "sqlite"
+    return db.vendor() != "sqlite"
 
 
 def _own_connection() -> None:
@@ -156,14 +154,17 @@ def _own_connection() -> None:
     is already its own."""
     import copy
 
-    from django.db import DEFAULT_DB_ALIAS, connections
+    from django.db import connections
 
-    current = connections[DEFAULT_DB_ALIAS]
+    from . import db
+
+    alias = db.alias()
+    current = connections[alias]
     if not current.settings_dict.get("OPTIONS", {}).get("pool"):
         return
     settings_dict = copy.deepcopy(current.settings_dict)
     settings_dict["OPTIONS"].pop("pool")
-    connections[DEFAULT_DB_ALIAS] = type(current)(settings_dict, DEFAULT_DB_ALIAS)  # this thread only
+    connections[alias] = type(current)(settings_dict, alias)  # this thread only
 
 
 def _batch_wait() -> float:

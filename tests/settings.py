@@ -105,6 +105,14 @@ elif DB == "mariadb":
 else:
     raise RuntimeError(f"CSCHED_DB must be postgres, sqlite or mariadb, not {DB!r}")
 
+# A second database of the same kind, for the tests of CELERY_SCHEDULLER_DATABASE (created only when a test
+# asks for it); CSCHED_ALARM_DATABASE names it in a worker started for those tests.
+_alarms = {**DATABASES["default"], "TEST": dict(DATABASES["default"]["TEST"])}
+_alarms["NAME"] = f"{_alarms['NAME']}_alarms"
+_alarms["TEST"]["NAME"] = f"{_alarms['TEST']['NAME']}_alarms"
+DATABASES["alarms"] = _alarms
+CELERY_SCHEDULLER_DATABASE = os.environ.get("CSCHED_ALARM_DATABASE") or None
+
 CELERY_BROKER_URL = os.environ.get("CSCHED_BROKER", "redis://127.0.0.1:6379/14")
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

@@ -1,0 +1,43 @@
+"""The one database the package reads and writes: ``CELERY_SCHEDULLER_DATABASE``, else the alias Django's
+routers name for writing ``Alarm`` (``default`` without routers).
+
+Every statement, transaction and connection of the package goes through here, and the models' managers
+are bound to the same alias, so a project that keeps these tables apart never has them split over two
+databases. Reads go to the same alias as writes: a guarded transition must see what the last one wrote.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import connections, router, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+
+def alias() -> str:
+    """The alias of the package's database."""
+    from .conf import settings
+    from .models import Alarm
+
+    named: str | None = settings.get("DATABASE")
+    return named if named is not None else router.db_for_write(Alarm)
+
+
+def connection() -> BaseDatabaseWrapper:
+    """This thread's connection to the package's database."""
+    return connections[alias()]
+
+
+def vendor() -> str:
+    """``postgresql``, ``mysql``, ``sqlite``…: which SQL the package's database speaks."""
+    return str(connection().vendor)
+
+
+def atomic() -> Any:
+    """``transaction.atomic`` on the package's database."""
+    return transaction.atomic(using=alias())
+
+
+def on_commit(callback: Any) -> None:
+    """Run ``callback`` when the package database's transaction commits (at once outside one)."""
+    transaction.on_commit(callback, using=alias())
