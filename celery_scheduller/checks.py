@@ -41,8 +41,7 @@ def _check_database() -> list[CheckMessage]:
         return []
     return [
         Error(
-            f"celery_scheduller uses the database {alias!r}, but the database routers do not migrate its tables "
-            "there.",
+            f"celery_scheduller uses the database {alias!r}, but the database routers do not migrate its tables there.",
             hint=f"Let a router's allow_migrate() return True for app 'celery_scheduller' on {alias!r}, or set "
             f"{PREFIX}DATABASE to the alias that holds its tables; then run `manage.py migrate --database <alias>`.",
             id="celery_scheduller.E007",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.apps import apps
 from django.db import connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -17,10 +18,9 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 def alias() -> str:
     """The alias of the package's database."""
     from .conf import settings
-    from .models import Alarm
 
     named: str | None = settings.get("DATABASE")
-    return named if named is not None else router.db_for_write(Alarm)
+    return named if named is not None else router.db_for_write(apps.get_model("celery_scheduller", "Alarm"))
 
 
 def connection() -> BaseDatabaseWrapper:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -17,13 +16,17 @@ from typing import Any
 
 from celery import Celery
 
-from . import callbacks, compat, notify, registry, signals, store, writer
+from . import callbacks, registry, signals, writer
+from . import listener as listener_module
+from . import store as store_module
 from .conf import settings
-from .exceptions import ConfigurationError, SchedullerError
+from .exceptions import ConfigurationError, PublishFailed, SchedullerError
 from .message import Message, Response, describe
 from .planning import DueHeap, Window, claim_gap, next_wakeup
 from .scheduller import Scheduller
-from .wire import PRIORITY_KEY, QUEUE_KEY, AttemptRef, header_limit, header_of, task_id_of
+from .sender import TaskSender
+from .store import Store
+from .wire import AttemptRef, header_of
 
 logger = logging.getLogger("celery_scheduller")
 
@@ -55,25 +58,9 @@ ROOM_RECOUNT = 1.0
 FLOOR_MARGIN = 1.0
 
 
-class PublishFailed(SchedullerError):
-    """The broker refused a publish; the claimed attempts were released to pending."""
-
-
 def to_datetime(moment: float) -> dt.datetime:
     """An epoch timestamp as an aware UTC datetime."""
     return dt.datetime.fromtimestamp(moment, dt.UTC)
-
-
-def _delivery_options(message: Message) -> dict[str, Any] | None:
-    """The queue and priority an alarm asked for in its assigns, as Celery publish options."""
-    if QUEUE_KEY not in message.assigns and PRIORITY_KEY not in message.assigns:
-        return None
-    options: dict[str, Any] = {}
-    if isinstance(message.assigns.get(QUEUE_KEY), str):
-        options["queue"] = message.assigns[QUEUE_KEY]
-    if isinstance(message.assigns.get(PRIORITY_KEY), int):
-        options["priority"] = message.assigns[PRIORITY_KEY]
-    return options
 
 
 def _check_header_size(headers: dict[str, str], limit: int | None) -> None:
@@ -91,110 +78,6 @@ def _half_spent(ref: AttemptRef, timeout_ms: int) -> float:
     return ref.deadline.timestamp() - timeout_ms / 2000
 
 
-def _short_repr(value: object, limit: int = 1024) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _batch(producer: Any, size: int) -> Any:
-    """``producer.batch()`` (kombu 5.7+: one Redis pipeline for the batch), else publish one by one."""
-    batch = getattr(producer, "batch", None)
-    return batch(max_size=max(1, size)) if batch is not None else contextlib.nullcontext()
-
-
-def _merged(into: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """Celery's ``lpmerge``: ``options`` over ``into``, except where an option is None."""
-    into.update((key, value) for key, value in options.items() if value is not None)
-    return into
-
-
-class _TaskSender:
-    """``app.send_task`` for beat's loop: the same message, routing, task options and publish
-    signals, with the configuration read once instead of on every call (several times per alarm,
-    each a walk through Django's settings when the app reads its config from them)."""
-
-    def __init__(self, app: Celery) -> None:
-        self.app = app
-        self._options: dict[str, dict[str, Any]] = {}
-        self._sent_event: bool | None = None
-        self._declared_on: Any = None
-        self._declared: set[object] = set()
-        self._default_queue: str | None = None
-
-    def send(
-        self,
-        producer: Any,
-        name: str,
-        kwargs: dict[str, Any],
-        task_id: str,
-        headers: dict[str, str],
-        expires: dt.datetime,
-        eta: dt.datetime | None = None,
-        overrides: dict[str, Any] | None = None,
-    ) -> None:
-        amqp = self.app.amqp
-        if self._sent_event is None:
-            self._sent_event = bool(self.app.conf.task_send_sent_event)
-        options = dict(self._task_options(name), headers=headers, **(overrides or {}))
-        time_limit = options.pop("time_limit", None)
-        soft_time_limit = options.pop("soft_time_limit", None)
-        ignore_result = options.pop("ignore_result", None)
-        options.pop("expires", None)
-        # as send_task does, the registered task instance (the stubs say class) goes to custom routers
-        task: Any = self.app.tasks.get(name)
-        options = self._route(options, name, kwargs, task)
-        options["expiration"] = max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds())
-        message = amqp.create_task_message(
-            task_id,
-            name,
-            (),
-            kwargs,
-            expires=expires,
-            eta=eta,
-            time_limit=time_limit,
-            soft_time_limit=soft_time_limit,
-            create_sent_event=self._sent_event,
-            ignore_result=ignore_result,
-            # Celery's default is a size-limited repr of the arguments: costly at thousands per second
-            argsrepr="()",
-            kwargsrepr=_short_repr(kwargs),
-            **options,
-        )
-        # Declaring the queue once per connection is enough; kombu would re-bind it on every publish.
-        if producer is not self._declared_on:  # a new connection: declare again
-            self._declared_on, self._declared = producer, set()
-        queue = options.get("queue")
-        queue_name = getattr(queue, "name", queue)
-        if queue_name in self._declared:
-            options["declare"] = []
-        with compat.library_errors(producer.connection):
-            amqp.send_task_message(producer, name, message, retry=False, **options)
-        self._declared.add(queue_name)
-
-    def _route(self, options: dict[str, Any], name: str, kwargs: dict[str, Any], task: Any) -> dict[str, Any]:
-        """``Router.route`` with the default queue read once: it reads it from the config per message."""
-        router: Any = self.app.amqp.router
-        options = router.expand_destination(options)
-        if router.routes:
-            route = router.lookup_route(name, (), kwargs, options, task)
-            if route:
-                return _merged(router.expand_destination(route), options)
-        if "queue" not in options:
-            if self._default_queue is None:
-                self._default_queue = self.app.conf.task_default_queue
-            options = _merged(router.expand_destination(self._default_queue), options)
-        return options
-
-    def _task_options(self, name: str) -> dict[str, Any]:
-        """The registered task's own options (queue, priority, time limits…), as send_task applies them."""
-        found = self._options.get(name)
-        if found is None:
-            task = self.app.tasks.get(name)
-            found = compat.task_exec_options(task)
-            self._options[name] = found
-        return found
-
-
 class AlarmEngine:
     """The alarm side of one beat process: the loaded windows and the heap of due times."""
 
@@ -204,10 +87,12 @@ class AlarmEngine:
         names: Callable[[], Sequence[str]] = registry.names,
         name: str | None = None,
         clock: Callable[[], float] | None = None,
-        listener: notify.Listener | None = None,
+        listener: listener_module.Listener | None = None,
+        store: Store | None = None,
+        sender: TaskSender | None = None,
     ) -> None:
         self.app = app
-        self.listener = listener or notify.Listener()
+        self.listener = listener or listener_module.Listener()
         self._names = names
         # read while publishing a batch, to stop before the rest of it would go out half expired
         self._clock = clock or time.time
@@ -220,7 +105,8 @@ class AlarmEngine:
         self.started_at: float | None = None
         self.published = 0
         self.timeouts = 0
-        self._sender = _TaskSender(app)
+        self.store: Store = store or store_module.default
+        self.sender = sender or TaskSender(app)
         self.callbacks = callbacks.CallbackRunner()
         self._backlog = False
         self._claimed_at = float("-inf")
@@ -305,7 +191,7 @@ class AlarmEngine:
                 self.heap.push(f"announced {earliest!r}", earliest)
                 self.heap.push(f"announced {until!r}", until)
         for name, (earliest, until) in ranges.items():
-            for message_id, due in store.due_times_between(name, to_datetime(earliest - 1e-6), to_datetime(until)):
+            for message_id, due in self.store.due_times_between(name, to_datetime(earliest - 1e-6), to_datetime(until)):
                 self.heap.push(message_id, due.timestamp())
 
     def _record(self, now: float) -> None:
@@ -317,7 +203,7 @@ class AlarmEngine:
             for name, window in self.windows.items()
             if window.loaded_until is not None
         }
-        store.record_beat(
+        self.store.record_beat(
             self.name, to_datetime(self.started_at), to_datetime(now), windows, self.published, self.timeouts
         )
         self.next_record_at = now + settings.integer("BEAT_RECORD_INTERVAL") / 1000
@@ -328,11 +214,9 @@ class AlarmEngine:
         keep = settings.keep_finished()
         pruned = 0
         if keep is not None:
-            pruned = store.prune(to_datetime(now) - keep, settings.integer("PRUNE_BATCH"))
+            pruned = self.store.prune(to_datetime(now) - keep, settings.integer("PRUNE_BATCH"))
         if registry.serves_django_tasks():  # Django Tasks results past their RESULT_TTL
-            from . import task_backend
-
-            pruned += task_backend.prune(to_datetime(now), settings.integer("PRUNE_BATCH"))
+            pruned += self.store.prune_task_records(to_datetime(now), settings.integer("PRUNE_BATCH"))
         if pruned:
             logger.info("pruned %s ended alarms", pruned, extra={"action": "pruned", "count": pruned})
 
@@ -353,7 +237,7 @@ class AlarmEngine:
         start, until = None if load_from is None else to_datetime(load_from), to_datetime(load_until)
         if type(scheduller).load_alarms is Scheduller.load_alarms:
             # the default loader: the heap needs ids and due times only, not whole Messages
-            due_times: Iterable[tuple[str, dt.datetime | None]] = store.due_times_between(name, start, until)
+            due_times: Iterable[tuple[str, dt.datetime | None]] = self.store.due_times_between(name, start, until)
         else:
             due_times = ((message.id, message.dispatch_at) for message in scheduller.load_alarms(start, until))
         held = 0
@@ -386,12 +270,12 @@ class AlarmEngine:
         cap = settings.max_in_flight()
         capped = False
         if cap is None:
-            rows = store.claim_due(names, now, limit, until, since)
+            rows = self.store.claim_due(names, now, limit, until, since)
         elif self._room_to_spare(cap, limit, now.timestamp()):
-            rows = store.claim_due(names, now, limit, until, since)
+            rows = self.store.claim_due(names, now, limit, until, since)
             self._took_room(len(rows))
         else:
-            room, rows = store.claim_due_within(names, now, limit, cap, until, since)
+            room, rows = self.store.claim_due_within(names, now, limit, cap, until, since)
             self._room = (cap, room - len(rows), now.timestamp())
             if room <= 0:
                 self._throttled = True
@@ -413,7 +297,7 @@ class AlarmEngine:
             try:  # a row this process cannot read fails alone; its batch-mates go out
                 if row.get("unreadable"):
                     raise ValueError(row["unreadable"])
-                message = store.message_from_row(row)
+                message = self.store.message_from_row(row)
             except (ValueError, TypeError, KeyError, RecursionError) as exc:
                 self._fail(ref, row["message_id"], f"the stored message cannot be read: {describe(exc)}", now)
                 continue
@@ -476,17 +360,17 @@ class AlarmEngine:
         have reached the broker: their late responses are ignored, as for any superseded attempt).
         """
         sent: list[tuple[AttemptRef, Message]] = []
-        with self.app.producer_or_acquire(producer) as producer:
-            limit = header_limit(producer.connection)
+        with self.sender.open(producer) as producer:
+            limit = self.sender.header_limit(producer)
             try:
-                with _batch(producer, len(outgoing)):
+                with self.sender.batch(producer, len(outgoing)):
                     for index, (ref, message, timeout_ms, eta) in enumerate(outgoing):
                         if self._clock() >= _half_spent(ref, timeout_ms):
                             # Publishing fell behind: the rest would reach workers close to (or past) its
                             # deadline and expire unrun. Give it back; the next claim sets a fresh deadline.
                             behind = [ref for ref, *_rest in outgoing[index:]]
                             self._floor = None  # pending again, below the floor
-                            store.release(behind, now)
+                            self.store.release(behind, now)
                             logger.warning(
                                 "publishing fell behind: released %s claimed alarms",
                                 len(behind),
@@ -499,12 +383,12 @@ class AlarmEngine:
                         except (SchedullerError, ValueError, TypeError, RecursionError) as exc:
                             self._fail(ref, message.id, f"cannot be published: {describe(exc)}", now, message)
                             continue
-                        self._send(ref, message, producer, eta, headers)
+                        self.sender.send_attempt(producer, ref, message, eta, headers)
                         sent.append((ref, message))
             except Exception as exc:
                 unsent = [ref for ref, *_rest in outgoing]  # guarded: those failed meanwhile stay failed
                 self._floor = None  # pending again, below the floor
-                store.release(unsent, now)
+                self.store.release(unsent, now)
                 raise PublishFailed(f"publishing {len(outgoing)} alarms failed; released {len(unsent)} claims") from exc
         return sent
 
@@ -512,23 +396,9 @@ class AlarmEngine:
         self, ref: AttemptRef, message_id: str, reason: str, now: dt.datetime, message: Message | None = None
     ) -> None:
         """Fail one claimed alarm that cannot be published, visibly, with ``reason``; its batch goes on."""
-        if store.fail(ref, reason, now):
+        if self.store.fail(ref, reason, now):
             logger.error("alarm %s failed: %s", message_id, reason, extra={"alarm_id": message_id, "action": "failed"})
             signals.send(signals.alarm_failed, ref.scheduller, message=message, attempt=ref.attempt, reason=reason)
-
-    def _send(
-        self, ref: AttemptRef, message: Message, producer: Any, eta: dt.datetime | None, headers: dict[str, str]
-    ) -> None:
-        self._sender.send(
-            producer,
-            message.service_name,
-            message.raw_request,
-            task_id_of(message.id, ref.attempt),
-            headers,
-            ref.deadline,
-            eta,
-            _delivery_options(message),
-        )
 
     def _answer_timeouts(self, names: Sequence[str], now: dt.datetime) -> bool:
         """Answer attempts whose deadline passed with a ``timeout`` response; True when more may wait."""
@@ -538,7 +408,7 @@ class AlarmEngine:
         limit = min(limit, max(0, 2 * limit - self.callbacks.busy()))
         if limit == 0:
             return False
-        leased = store.lease_timeouts(names, now, lease_until, limit)
+        leased = self.store.lease_timeouts(names, now, lease_until, limit)
         for ref, message in leased:
             self.callbacks.submit(ref, message, Response("timeout"), now)
         self.timeouts += len(leased)

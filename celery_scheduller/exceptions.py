@@ -24,3 +24,11 @@ class UnknownScheduller(ConfigurationError):
 
 class InvalidResponse(SchedullerError):
     """``service_responded`` returned something other than ``OK`` or a ``Retry``."""
+
+
+class ClaimConflict(SchedullerError):
+    """A guarded update changed fewer rows than were locked for it; the whole claim is rolled back."""
+
+
+class PublishFailed(SchedullerError):
+    """The broker refused a publish; the claimed attempts were released to pending."""

@@ -1,4 +1,8 @@
-"""Which Scheduller classes this project serves (``CELERY_SCHEDULLER_CLASSES``) and their instances."""
+"""Which Scheduller classes this project serves (``CELERY_SCHEDULLER_CLASSES``) and their instances.
+
+Imports no Scheduller code: ``Scheduller`` subclasses make themselves known here as they are defined
+(``known``), and the Django Tasks backend's class is a dotted path like any configured one.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +23,20 @@ _classes_from: tuple[str, ...] | None = None
 #: per class: the state its callbacks run on in this process, and the instance built with it
 _states: dict[type[Scheduller], Any] = {}
 _instances: dict[type[Scheduller], Scheduller] = {}
+#: every Scheduller subclass defined in this process
+_subclasses: set[type[Scheduller]] = set()
+#: served as well when TASKS names the Django Tasks backend
+TASK_ALARMS = "celery_scheduller.task_backend.TaskAlarms"
+
+
+def known(cls: type[Scheduller]) -> None:
+    """Called by ``Scheduller.__init_subclass__``: ``cls`` may be served."""
+    _subclasses.add(cls)
 
 
 def classes() -> dict[str, type[Scheduller]]:
     """Name → class for every entry of ``CELERY_SCHEDULLER_CLASSES``, imported once."""
     global _classes, _classes_from
-    from .scheduller import Scheduller
-
     paths = tuple(settings.CLASSES)
     with _lock:
         if _classes is not None and _classes_from == paths:
@@ -36,16 +47,15 @@ def classes() -> dict[str, type[Scheduller]]:
                 cls = import_string(path)
             except ImportError as exc:
                 raise ConfigurationError(f"CELERY_SCHEDULLER_CLASSES: cannot import {path!r}: {exc}") from exc
-            if not (isinstance(cls, type) and issubclass(cls, Scheduller)):
+            if not (isinstance(cls, type) and cls in _subclasses):
                 raise ConfigurationError(f"CELERY_SCHEDULLER_CLASSES: {path!r} is not a Scheduller subclass")
             name = cls.scheduller_name()
             if name in found and found[name] is not cls:
                 raise ConfigurationError(f"CELERY_SCHEDULLER_CLASSES: two classes are named {name!r}")
             found[name] = cls
         if serves_django_tasks():
-            from .task_backend import TaskAlarms
-
-            found.setdefault(TaskAlarms.scheduller_name(), TaskAlarms)
+            task_alarms: type[Scheduller] = import_string(TASK_ALARMS)
+            found.setdefault(task_alarms.scheduller_name(), task_alarms)
         _classes, _classes_from = found, paths
         return found
 

@@ -104,6 +104,10 @@ class Scheduller:
     #: The name alarms are stored under; default: the dotted path of the class.
     name: ClassVar[str | None] = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        registry.known(cls)
+
     def __init__(self, state: Any = None) -> None:
         self.state = state
         registry.serve(type(self), state)

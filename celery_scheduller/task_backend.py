@@ -253,15 +253,6 @@ def _record_outcome(record: Any, value: Any, failure: str | None, exc: BaseExcep
     return retry_in
 
 
-def prune(now: dt.datetime, limit: int) -> int:
-    """Remove up to ``limit`` results past their ``RESULT_TTL``."""
-    from .models import TaskRecord
-
-    expired = list(TaskRecord.objects.filter(expires_at__lt=now).values_list("pk", flat=True)[:limit])
-    deleted, _ = TaskRecord.objects.filter(pk__in=expired).delete()
-    return deleted
-
-
 def _backend(alias: str) -> AlarmTaskBackend:
     backend = task_backends[alias]
     if not isinstance(backend, AlarmTaskBackend):

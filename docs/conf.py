@@ -35,7 +35,7 @@ suppress_warnings = ["myst.xref_missing"]
 
 def _generate(app: object) -> None:
     """The pages drawn from the code, so they cannot drift: every setting from ``conf.SPECS`` and the
-    state machine from ``states.TRANSITIONS``."""
+    state machine from ``states.TRANSITIONS`` and ``store.transitions``."""
     from celery_scheduller.conf import PREFIX, SPECS
     from celery_scheduller.states import TRANSITIONS
 
@@ -46,8 +46,30 @@ def _generate(app: object) -> None:
         rows.append(f"| `{PREFIX}{spec.name}` | {default} | {spec.unit or '–'}{bounds} | {spec.doc} |")
     generated = ROOT / "docs" / "reference" / "_settings_table.md"
     generated.write_text("\n".join(rows) + "\n")
-    lines = ["| transition | starts from |", "|---|---|"]
-    lines += [f"| `{name}` | {', '.join(f'`{s}`' for s in starts)} |" for name, starts in TRANSITIONS.items()]
+    from celery_scheduller.store import transitions
+
+    def shown(value: object) -> str:
+        if isinstance(value, transitions.Given):
+            return "given"
+        if isinstance(value, transitions.Fixed):
+            return "NULL" if value.value is None else repr(value.value)
+        if isinstance(value, transitions.Now):
+            return "now"
+        if isinstance(value, transitions.NextAttempt):
+            return "attempt + 1"
+        return "max(now, dispatch_at) + timeout_ms"
+
+    lines = ["| transition | starts from | ends in | guard besides the state | writes |", "|---|---|---|---|---|"]
+    for name, starts in TRANSITIONS.items():
+        t = transitions.ALL[name]
+        end = f"`{t.target}`" if t.target else "removed"
+        if t.removes_without_history:
+            end += " (removed without history)"
+        guard = ", ".join(f"`{column}`" for column in t.guard) or "–"
+        writes = ", ".join(f"`{column}` = {shown(value)}" for column, value in t.effect) or "–"
+        if t.records_attempt:
+            writes += "; the attempt's history row"
+        lines.append(f"| `{name}` | {', '.join(f'`{s}`' for s in starts)} | {end} | {guard} | {writes} |")
     (ROOT / "docs" / "explanation" / "_transitions_table.md").write_text("\n".join(lines) + "\n")
     _state_diagram(ROOT / "docs" / "_static" / "states.png")
     from bench.plot import draw

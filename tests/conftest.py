@@ -176,18 +176,28 @@ def _worker_idle_at_teardown(request: pytest.FixtureRequest) -> Iterator[None]:
     published = "beat" in request.fixturenames and _session_worker  # the session worker runs what it sent
     if "worker" not in request.fixturenames and not published:
         return
+    worker_idle(10)
+
+
+def worker_idle(timeout: float) -> None:
+    """Wait until the workers run and hold no task and their response writers stored the last response: what the
+    workers were given has been answered (or ignored). The event a test waits on to see that something
+    did not happen, instead of a fixed sleep."""
     from tests.celery_app import app
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        replies = app.control.inspect(timeout=0.5, limit=1).active() or {}
-        if not any(replies.values()):
+        inspect = app.control.inspect(timeout=0.5)
+        running = inspect.active() or {}
+        held = inspect.scheduled() or {}  # tasks held for their eta (published ahead)
+        if not any(running.values()) and not any(held.values()):
             # the response writer stores the last task's response up to RESPONSE_BATCH_WAIT after it ran
             from celery_scheduller.conf import settings
 
             time.sleep(settings.response_batch_wait() / 1000 + 0.1)
             return
         time.sleep(0.1)
+    pytest.fail(f"the workers still ran tasks after {timeout}s")
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 BASE = Path(__file__).resolve().parent
 DB = os.environ.get("CSCHED_DB", "postgres")
@@ -107,7 +108,7 @@ else:
 
 # A second database of the same kind, for the tests of CELERY_SCHEDULLER_DATABASE (created only when a test
 # asks for it); CSCHED_ALARM_DATABASE names it in a worker started for those tests.
-_alarms = {**DATABASES["default"], "TEST": dict(DATABASES["default"]["TEST"])}
+_alarms: dict[str, Any] = {**DATABASES["default"], "TEST": dict(DATABASES["default"]["TEST"])}  # type: ignore[arg-type]
 _alarms["NAME"] = f"{_alarms['NAME']}_alarms"
 _alarms["TEST"]["NAME"] = f"{_alarms['TEST']['NAME']}_alarms"
 DATABASES["alarms"] = _alarms

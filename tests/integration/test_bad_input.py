@@ -9,8 +9,9 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from celery_scheduller import InvalidAlarm, Message, UnknownScheduller, store
+from celery_scheduller import InvalidAlarm, Message, UnknownScheduller
 from celery_scheduller.models import Alarm
+from celery_scheduller.store import postgres
 from tests.testapp.alarms import TestAlarms, UnlistedAlarms
 
 pytestmark = pytest.mark.django_db
@@ -150,7 +151,7 @@ def test_dispatch_many_stores_a_batch_and_skips_ids_already_stored(stored):
 def test_dispatch_many_stores_every_batch_of_a_long_list(stored, monkeypatch, pipelined):
     """Longer than ``_DISPATCH_BATCH``: stored in several batches, each row as given, ids already stored
     skipped in any batch; on PostgreSQL also without pipeline mode (libpq before 14)."""
-    monkeypatch.setattr(store, "_pipeline_supported", lambda: pipelined)
+    monkeypatch.setattr(postgres, "pipeline_supported", lambda: pipelined)
     now = timezone.now()
     given = [
         (msg(id=f"long-{i}", raw_request={"i": i}), f"agg-{i % 7}", now + dt.timedelta(seconds=i)) for i in range(4_321)

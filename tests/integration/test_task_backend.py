@@ -145,9 +145,9 @@ def test_results_expire_and_unknown_ids_do_not_exist():
         jobs.add.get_result(result.id)
     with pytest.raises(TaskResultDoesNotExist):
         default_task_backend.get_result("no-such-id")
-    from celery_scheduller import task_backend
+    from celery_scheduller import store
 
-    assert task_backend.prune(timezone.now(), 100) == 1
+    assert store.prune_task_records(timezone.now(), 100) == 1
 
 
 def test_invalid_tasks_are_refused_where_they_are_made():

@@ -8,7 +8,7 @@ import pytest
 from celery import Celery
 from kombu import Queue
 
-from celery_scheduller.engine import _TaskSender
+from celery_scheduller.sender import TaskSender
 
 
 def _app(**conf: Any) -> Celery:
@@ -44,7 +44,7 @@ def _route_router(name: str, args: Any, kwargs: Any, options: Any, task: Any = N
 @pytest.mark.parametrize("kwargs", [{}, {"urgent": True}])
 def test_the_route_is_the_one_celery_picks(conf: dict[str, Any], name: str, kwargs: dict[str, Any]) -> None:
     app = _app(**conf)
-    sender = _TaskSender(app)
+    sender = TaskSender(app)
     task = app.tasks[name]
 
     def options() -> dict[str, Any]:
