@@ -24,10 +24,11 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 
 from . import registry, states
+from .checking import known_tasks
 from .exceptions import SchedullerError
 from .message import DATETIME_TAG
 from .models import Alarm, AlarmAttempt
-from .scheduller import Scheduller, known_tasks
+from .scheduller import Scheduller
 
 if TYPE_CHECKING:
     _AlarmAdminBase = admin.ModelAdmin[Alarm]

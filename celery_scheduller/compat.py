@@ -151,7 +151,7 @@ def drop_timer_entry(request: Any) -> None:
 
 def check() -> dict[str, bool]:
     """Whether each internal the package relies on is where it expects it, on the installed versions."""
-    from celery import Task
+    from celery import Task, current_app
     from celery.worker import state
     from celery.worker.consumer import Consumer
     from celery.worker.request import Request
@@ -171,4 +171,16 @@ def check() -> dict[str, bool]:
         and hasattr(state, "reserved_requests"),
         "celery Request.time_start": "time_start" in getattr(Request, "__slots__", ())
         or hasattr(Request, "time_start"),
+        "celery current_app._get_current_object": hasattr(current_app, "_get_current_object"),
     }
+
+
+def current_celery_app() -> Any:
+    """The app behind Celery's ``current_app`` proxy (``_get_current_object``), as the worker holds it."""
+    from celery import current_app
+
+    get = getattr(current_app, "_get_current_object", None)
+    if get is None:
+        _warn_once("Celery's current_app has no _get_current_object: the proxy itself is used")
+        return current_app
+    return get()

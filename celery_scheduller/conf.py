@@ -1,4 +1,4 @@
-"""Settings: each ``CELERY_SCHEDULLER_<NAME>`` with its default, unit and bounds, validated where it is read.
+"""Settings: each ``CELERY_SCHEDULLER_<NAME>`` with its default, unit and bounds, checked once per process.
 
 ``settings.get(name)`` returns a setting checked against its spec (a ``ConfigurationError`` in the
 setting's own unit otherwise); the system check ``celery_scheduller.E005`` runs every spec at start-up,
