@@ -11,16 +11,31 @@ from __future__ import annotations
 from typing import Any
 
 from django.apps import apps
+from django.core.signals import setting_changed
 from django.db import connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
+_alias: list[str] = []  # the alias once found, until a setting it depends on changes
+
 
 def alias() -> str:
-    """The alias of the package's database."""
+    """The alias of the package's database (found once per process: every statement asks)."""
+    if _alias:
+        return _alias[0]
     from .conf import settings
 
     named: str | None = settings.get("DATABASE")
-    return named if named is not None else router.db_for_write(apps.get_model("celery_scheduller", "Alarm"))
+    found = named if named is not None else router.db_for_write(apps.get_model("celery_scheduller", "Alarm"))
+    _alias[:] = [found]
+    return found
+
+
+def _setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting in ("CELERY_SCHEDULLER_DATABASE", "DATABASES", "DATABASE_ROUTERS"):
+        _alias.clear()
+
+
+setting_changed.connect(_setting_changed)
 
 
 def connection() -> BaseDatabaseWrapper:

@@ -14,7 +14,7 @@ from celery_scheduller import Message, states
 from celery_scheduller.engine import AlarmEngine
 from celery_scheduller.exceptions import PublishFailed
 from celery_scheduller.models import Alarm
-from tests.conftest import on_schedule, run_beat, wait_for
+from tests.conftest import on_schedule, run_beat, wait_for, worker_idle
 from tests.testapp.alarms import TestAlarms
 from tests.testapp.models import Answer, Run
 
@@ -78,7 +78,7 @@ def test_dispatch_rolls_back_and_commits_with_the_callers_transaction(beat):
         Run.objects.create(task="caller-data", started_at=Alarm.objects.get().created_at)
     assert list(Alarm.objects.values_list("message_id", flat=True)) == ["committed"]
     run_beat(beat(), lambda: Run.objects.filter(message_id="committed").exists(), 10, "the committed alarm")
-    time.sleep(0.3)
+    worker_idle(10)
     assert not Run.objects.filter(message_id="rolled-back").exists()
 
 
@@ -92,7 +92,7 @@ def test_beat_restart_reloads_alarms_and_fires_none_twice(beat):
     first.close()  # beat stops; whatever it published stays published, the rest pending
     second = beat()
     run_beat(second, lambda: Answer.objects.filter(message_id__in=ids).count() == 20, 15, "all answers")
-    time.sleep(0.5)
+    worker_idle(10)  # a duplicate would have run by now
     counts = {m: Run.objects.filter(message_id=m).count() for m in ids}
     assert set(counts.values()) == {1}, counts
     assert not on_schedule(*ids)
@@ -126,7 +126,7 @@ def test_two_beats_at_once_publish_each_attempt_once(beat):
         for thread in threads:
             thread.join()
     assert not errors
-    time.sleep(0.5)
+    worker_idle(10)
     assert Run.objects.filter(message_id__in=ids).count() == 150
     assert Answer.objects.filter(message_id__in=ids).count() == 150
     assert scheduler_a.alarm_engine.published + scheduler_b.alarm_engine.published == 150

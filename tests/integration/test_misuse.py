@@ -17,7 +17,7 @@ from celery_scheduller import InvalidAlarm, Message, states, status, store
 from celery_scheduller.clock import DatabaseClock
 from celery_scheduller.models import Alarm
 from celery_scheduller.scheduller import LATEST_DUE
-from tests.conftest import run_beat, start_worker, stop, wait_for
+from tests.conftest import run_beat, start_worker, stop, wait_for, worker_idle
 from tests.testapp.alarms import TestAlarms
 from tests.testapp.models import Answer, Run
 
@@ -155,7 +155,7 @@ def test_a_timed_out_attempt_redelivered_late_does_not_run_next_to_its_retry(bea
     )
     try:
         run = wait_for(lambda: Run.objects.filter(message_id="stale-1").first(), 15, "the retry to run")
-        time.sleep(1.5)  # attempt 1, if it were to run, would have by now
+        worker_idle(15)  # attempt 1, if it were to run, would have run by the time both workers are idle
     finally:
         stop(late_worker)
     runs = list(Run.objects.filter(message_id="stale-1"))
