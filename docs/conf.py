@@ -65,7 +65,7 @@ def _generate(app: object) -> None:
         end = f"`{t.target}`" if t.target else "removed"
         if t.removes_without_history:
             end += " (removed without history)"
-        guard = ", ".join(f"`{column}`" for column in t.guard) or "–"
+        guard = ", ".join([*(f"`{column}`" for column in t.guard), *([t.takes] if t.takes else [])]) or "–"
         writes = ", ".join(f"`{column}` = {shown(value)}" for column, value in t.effect) or "–"
         if t.records_attempt:
             writes += "; the attempt's history row"

@@ -69,6 +69,8 @@ class Transition:
     records_attempt: bool = False
     #: without history kept (``KEEP_FINISHED`` None) the row is deleted instead
     removes_without_history: bool = False
+    #: which rows it takes, where that is a range rather than the caller's values (for the docs' table)
+    takes: str = ""
 
     @property
     def source(self) -> tuple[str, ...]:
@@ -94,6 +96,7 @@ CLAIM = Transition(
     "claim",
     guard=(),
     effect=(("attempt", NextAttempt()), ("published_at", NOW), ("deadline", DeadlineFromDue()), ("updated_at", NOW)),
+    takes="due in the claim's range, earliest first, skipping rows another beat has locked",
 )
 RELEASE = Transition("release", CURRENT_ATTEMPT, (("deadline", NULL), ("published_at", NULL), ("updated_at", NOW)))
 FINISH = Transition(
@@ -123,12 +126,20 @@ RETRY = Transition(
 )
 #: a published attempt whose deadline passed (or that has none: edited by hand) is leased to one beat
 LEASE_TIMEOUT = Transition(
-    "lease_timeout", (), (("deadline", Given("lease_until", "timestamptz")), ("updated_at", NOW))
+    "lease_timeout",
+    (),
+    (("deadline", Given("lease_until", "timestamptz")), ("updated_at", NOW)),
+    takes="deadline passed (or none), skipping rows another beat has locked",
 )
 CANCEL = Transition(
     "cancel", ("id",), (("deadline", NULL), ("finished_at", NOW), ("updated_at", NOW)), removes_without_history=True
 )
-RESCHEDULE = Transition("reschedule", (), (("dispatch_at", Given("dispatch_at", "timestamptz")), ("updated_at", NOW)))
+RESCHEDULE = Transition(
+    "reschedule",
+    (),
+    (("dispatch_at", Given("dispatch_at", "timestamptz")), ("updated_at", NOW)),
+    takes="the Scheduller's alarm of that message id",
+)
 RESTART = Transition(
     "restart",
     ("id",),
@@ -142,7 +153,7 @@ RESTART = Transition(
         ("updated_at", NOW),
     ),
 )
-PRUNE = Transition("prune", ("id",), ())
+PRUNE = Transition("prune", ("id",), (), takes="ended before KEEP_FINISHED ago, oldest first")
 
 ALL: dict[str, Transition] = {
     t.name: t for t in (CLAIM, RELEASE, FINISH, FAIL, RETRY, LEASE_TIMEOUT, CANCEL, RESCHEDULE, RESTART, PRUNE)
