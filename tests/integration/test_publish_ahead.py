@@ -117,7 +117,7 @@ def test_cancelling_an_alarm_published_ahead_revokes_its_task(beat):
         alarms.dispatch(Message.new("testapp.record", id=message_id), "agg", in_ms=2_000)
     published = Alarm.objects.filter(message_id__in=["kept", "cancelled"], state=states.PUBLISHED)
     run_beat(scheduler, lambda: published.count() == 2, 5, "both to be published ahead")
-    time.sleep(0.3)  # the worker has taken both in and holds them until their eta
+    wait_for(_held_by_workers, 10, "the worker to take both in and hold them until their eta")
 
     assert alarms.cancel("cancelled") is True
 
@@ -145,3 +145,11 @@ def test_a_cancel_whose_revoke_cannot_reach_the_broker_still_stands(caplog):
     assert not on_schedule("unrevoked")  # cancelled (kept as history by the test settings)
     warned = [record for record in caplog.records if getattr(record, "action", None) == "revoke_failed"]
     assert len(warned) == 1 and "could not revoke 1 cancelled alarms" in warned[0].getMessage()
+
+
+def _held_by_workers() -> bool:
+    """Whether the workers hold both of the test's tasks for their eta."""
+    from tests.celery_app import app
+
+    held = app.control.inspect(timeout=0.5).scheduled() or {}
+    return sum(len(tasks) for tasks in held.values()) >= 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import select
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from celery_scheduller import Message, Response, states, store
+from celery_scheduller import Message, Response, notify, states, store
 from celery_scheduller.models import Alarm, AlarmAttempt
 from celery_scheduller.responses import respond
 from celery_scheduller.store import postgres
@@ -49,6 +50,14 @@ def test_an_alarm_dispatched_into_a_loaded_window_is_announced_and_fires_on_time
     assert scheduler.alarm_engine.next_poll_at > time.time() + 50  # no poll ran meanwhile
 
 
+def _announcement_arrived(engine) -> None:
+    """Wait until beat's LISTEN connection has an announcement to read (it connected at the first tick)."""
+    conn = engine.listener._conn
+    assert conn is not None, "beat is not listening"
+    readable, _, _ = select.select([conn.fileno()], [], [], 10)
+    assert readable, "no announcement reached beat's LISTEN connection within 10 s"
+
+
 @postgres_only
 def test_a_narrow_announcement_is_held_without_reading_the_table_and_a_wide_one_is_read(beat, settings):
     """A ``dispatch`` announces one due time: beat holds it as is. A ``dispatch_many`` whose due times
@@ -59,7 +68,7 @@ def test_a_narrow_announcement_is_held_without_reading_the_table_and_a_wide_one_
     scheduler.tick_alarms(time.time())  # loads the (empty) window
     names = engine._names()
     one = TestAlarms().dispatch(Message.new("testapp.record", id="narrow"), "agg", in_ms=30_000)
-    time.sleep(0.2)  # the notification's way to the LISTEN connection
+    _announcement_arrived(engine)
     with CaptureQueriesContext(connection) as queries:
         engine._hold_announced(names)
     assert [query["sql"] for query in queries] == []
@@ -69,7 +78,7 @@ def test_a_narrow_announcement_is_held_without_reading_the_table_and_a_wide_one_
     TestAlarms().dispatch_many(
         [(Message.new("testapp.record", id=f"wide-{n}"), "agg", now + dt.timedelta(seconds=20 + n)) for n in range(3)]
     )
-    time.sleep(0.2)
+    _announcement_arrived(engine)
     with CaptureQueriesContext(connection) as queries:
         engine._hold_announced(names)
     assert len(queries) == 1
@@ -84,7 +93,9 @@ def test_a_rolled_back_dispatch_announces_nothing(beat, settings):
     with pytest.raises(RuntimeError), transaction.atomic():
         TestAlarms().dispatch(Message.new("testapp.record", id="rolled-back"), "agg", in_ms=100)
         raise RuntimeError("the caller's transaction fails")
-    time.sleep(0.2)
+    # NOTIFYs arrive in commit order: once a later, committed one is in, a rolled-back one would be too
+    notify.announce("a-scheduller-nobody-serves", dt.datetime.now(dt.UTC), dt.datetime.now(dt.UTC))
+    _announcement_arrived(scheduler.alarm_engine)
     scheduler.tick_alarms(time.time())
     assert len(scheduler.alarm_engine.heap) == 0
     assert not Alarm.objects.filter(message_id="rolled-back").exists()
