@@ -8,6 +8,8 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from django.db.models import QuerySet
+
 from .. import db, states
 from ..message import Message, Response, compact_json
 from ..models import Alarm, BeatRecord
@@ -19,6 +21,12 @@ from .rows import ROW_FIELDS, Answered, NewAlarm, NewAttempt, message_from_row
 
 def _on_postgresql() -> bool:
     return db.vendor() == "postgresql"
+
+
+def _pending(scheduller: str, load_from: dt.datetime | None, load_until: dt.datetime) -> QuerySet[Alarm]:
+    """The Scheduller's pending alarms due in ``(load_from, load_until]``."""
+    query = Alarm.objects.filter(scheduller=scheduller, state=states.PENDING, dispatch_at__lte=load_until)
+    return query if load_from is None else query.filter(dispatch_at__gt=load_from)
 
 
 class DatabaseStore:
@@ -59,9 +67,7 @@ class DatabaseStore:
         self, scheduller: str, load_from: dt.datetime | None, load_until: dt.datetime
     ) -> Iterable[dict[str, Any]]:
         """Pending alarms due in ``(load_from, load_until]``."""
-        query = Alarm.objects.filter(scheduller=scheduller, state=states.PENDING, dispatch_at__lte=load_until)
-        if load_from is not None:
-            query = query.filter(dispatch_at__gt=load_from)
+        query = _pending(scheduller, load_from, load_until)
         rows: Iterable[dict[str, Any]] = query.order_by("dispatch_at").values(*ROW_FIELDS).iterator(chunk_size=5_000)
         return rows
 
@@ -69,9 +75,7 @@ class DatabaseStore:
         self, scheduller: str, load_from: dt.datetime | None, load_until: dt.datetime
     ) -> Iterable[tuple[str, dt.datetime]]:
         """``(message_id, dispatch_at)`` of the alarms ``pending_between`` returns: what beat's heap holds."""
-        query = Alarm.objects.filter(scheduller=scheduller, state=states.PENDING, dispatch_at__lte=load_until)
-        if load_from is not None:
-            query = query.filter(dispatch_at__gt=load_from)
+        query = _pending(scheduller, load_from, load_until)
         rows: Iterable[tuple[str, dt.datetime]] = query.values_list("message_id", "dispatch_at").iterator(
             chunk_size=5_000
         )
@@ -186,11 +190,11 @@ class DatabaseStore:
     def _answer(
         self, transition: t.Transition, ref: AttemptRef, response: Response, now: dt.datetime, decision: str
     ) -> bool:
-        answered = Answered.of(ref, response, now, decision)
-        values = {"last_response": compact_json(response.to_json()), "now": now}
+        stored = response.to_json()  # made safe once, stored twice
+        answered = Answered.of(ref, stored, now, decision)
+        values = {"last_response": compact_json(stored), "now": now}
         if _on_postgresql():
-            form = postgres.FINISH_KEPT if transition is t.FINISH else postgres.FAIL
-            return form.run(ref, values, answered)
+            return postgres.ENDING[transition.name].run(ref, values, answered)
         return orm.update(transition, ref, values, now, answered)
 
     def retry(
@@ -207,8 +211,7 @@ class DatabaseStore:
         """``transitions.RETRY``: ``message`` as the alarm's next attempt at ``dispatch_at``, if ``ref`` is
         still current; ``callback_failures``: ``service_responded``'s failures in a row so far."""
         new = NewAttempt(ref, message, dispatch_at, timeout_ms, response, now, decision, callback_failures)
-        values = postgres.retry_values(new)
-        answered = None if response is None else Answered.of(ref, response, now, decision)
+        values, answered = new.prepared()
         if _on_postgresql():
             return (postgres.RETRY if answered else postgres.RETRY_UNANSWERED).run(ref, values, answered)
         return orm.update(t.RETRY, ref, values, now, answered)
@@ -220,13 +223,11 @@ class DatabaseStore:
     def retry_many(self, retries: Sequence[NewAttempt]) -> set[int]:
         """``retry`` for many attempts (of distinct alarms, each with a response) in one statement; the pks of
         the alarms stored as retries."""
+        prepared = [retry.prepared() for retry in retries]
         return postgres.RETRY_MANY.run(
             [retry.ref for retry in retries],
-            [postgres.retry_values(retry) for retry in retries],
-            [
-                None if retry.response is None else Answered.of(retry.ref, retry.response, retry.now, retry.decision)
-                for retry in retries
-            ],
+            [values for values, _answered in prepared],
+            [answered for _values, answered in prepared],
         )
 
     def is_current(self, ref: AttemptRef) -> bool:

@@ -18,8 +18,6 @@ from ..wire import AttemptRef
 from . import transitions as t
 from .rows import ROW_FIELDS, Answered, NewAlarm
 
-_REF_FILTER = {"id": lambda ref: ("pk", ref.pk), "attempt": lambda ref: ("attempt", ref.attempt)}
-
 
 def guarded(transition: t.Transition, ref: AttemptRef) -> QuerySet[Alarm]:
     """The row ``transition`` may change: in one of its source states and, for a published attempt, still the
@@ -66,9 +64,11 @@ def update(
     transition: t.Transition, ref: AttemptRef, values: dict[str, Any], now: dt.datetime, answered: Answered | None
 ) -> bool:
     """``transition`` on the attempt ``ref``, with its history row when ``answered``: one transaction."""
+    if answered is None:  # one statement: a transaction of its own
+        return guarded(transition, ref).update(**effect(transition, values, now)) > 0
     with db.atomic():
         changed = guarded(transition, ref).update(**effect(transition, values, now))
-        if changed and answered is not None:
+        if changed:
             record(answered)
     return changed > 0
 

@@ -15,7 +15,7 @@ from .. import compat, db
 from ..models import Alarm, AlarmAttempt
 from ..wire import AttemptRef
 from . import transitions as t
-from .rows import BEGINNING, ROW_FIELDS, Answered, NewAlarm, NewAttempt, decoded
+from .rows import BEGINNING, ROW_FIELDS, Answered, NewAlarm, decoded
 
 ALARM = Alarm._meta.db_table
 ATTEMPT = AlarmAttempt._meta.db_table
@@ -238,15 +238,13 @@ class GuardedMany:
 
 FINISH_KEPT = GuardedUpdate(t.FINISH)
 FAIL = GuardedUpdate(t.FAIL)
+#: the one-row statement of each transition that ends an alarm with its response (history kept)
+ENDING = {t.FINISH.name: FINISH_KEPT, t.FAIL.name: FAIL}
 RETRY = GuardedUpdate(t.RETRY)
 #: a retry that answers no response (nothing to record)
 RETRY_UNANSWERED = GuardedUpdate(t.RETRY, record=False)
 RETRY_MANY = GuardedMany(t.RETRY)
 FINISH_REMOVED_MANY = GuardedMany(t.FINISH, remove=True)
-
-
-def retry_values(retry: NewAttempt) -> dict[str, Any]:
-    return {**retry.given(), "now": retry.now}
 
 
 # -- claim ----------------------------------------------------------------------------------------------------

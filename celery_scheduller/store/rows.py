@@ -82,10 +82,11 @@ class NewAttempt:
     #: ``service_responded``'s failures in a row so far (0 after a valid answer)
     callback_failures: int = 0
 
-    def given(self) -> dict[str, Any]:
-        """``transitions.RETRY``'s given values."""
+    def prepared(self) -> tuple[dict[str, Any], Answered | None]:
+        """``transitions.RETRY``'s given values (with ``now``) and the answered attempt's history row (None
+        without a response); the response is made safe once for both."""
         stored = None if self.response is None else self.response.to_json()
-        return {
+        values = {
             "task_name": self.message.service_name,
             "raw_request": compact(self.message.raw_request, "raw_request"),
             "assigns": compact(self.message.assigns, "assigns"),
@@ -93,8 +94,10 @@ class NewAttempt:
             "timeout_ms": self.timeout_ms,
             "last_response": None if stored is None else compact_json(stored),
             "callback_failures": self.callback_failures,
-            "failing": self.callback_failures > 0 or (self.response is not None and self.response.status != "ok"),
+            "failing": self.callback_failures > 0 or (stored is not None and stored["status"] != "ok"),
+            "now": self.now,
         }
+        return values, None if stored is None else Answered.of(self.ref, stored, self.now, self.decision)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -108,8 +111,8 @@ class Answered:
     now: dt.datetime
 
     @classmethod
-    def of(cls, ref: AttemptRef, response: Response, now: dt.datetime, decision: str) -> Answered:
-        stored = response.to_json()
+    def of(cls, ref: AttemptRef, stored: dict[str, Any], now: dt.datetime, decision: str) -> Answered:
+        """From the response as stored (``Response.to_json``)."""
         return cls(ref, stored["status"], stored["error"] or "", decision[:50], now)
 
 
