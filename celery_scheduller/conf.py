@@ -140,8 +140,21 @@ SPECS: tuple[Spec, ...] = (
         minimum=0,
         none_allowed=True,
     ),
-    Spec("PRUNE_BATCH", 1_000, "alarms", "How many ended alarms one prune statement removes."),
-    Spec("PRUNE_INTERVAL", 60_000, "ms", "How often beat prunes ended alarms older than KEEP_FINISHED."),
+    Spec(
+        "PRUNE_BATCH",
+        1_000,
+        "alarms",
+        "How many ended alarms (with their history), or expired Django Tasks results, one prune statement "
+        "removes: the most rows one short transaction locks. A pass runs such statements back to back until "
+        "one comes back short.",
+    ),
+    Spec(
+        "PRUNE_INTERVAL",
+        10_000,
+        "ms",
+        "How long beat's pruner rests once it has caught up; also the most a pass runs before it reports "
+        "itself behind (a warning, then the next pass at once).",
+    ),
     Spec(
         "MAX_PAYLOAD",
         256 * 1024,

@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Celery
 
-from . import callbacks, registry, signals, writer
+from . import callbacks, pruning, registry, signals, writer
 from . import listener as listener_module
 from . import store as store_module
 from .conf import settings
@@ -90,6 +90,7 @@ class AlarmEngine:
         listener: listener_module.Listener | None = None,
         store: Store | None = None,
         sender: TaskSender | None = None,
+        pruner: pruning.Pruner | None = None,
     ) -> None:
         self.app = app
         self.listener = listener or listener_module.Listener()
@@ -108,6 +109,7 @@ class AlarmEngine:
         self.store: Store = store or store_module.default
         self.sender = sender or TaskSender(app)
         self.callbacks = callbacks.CallbackRunner()
+        self.pruner = pruner or pruning.Pruner(self.store, registry.serves_django_tasks)
         self._backlog = False
         self._claimed_at = float("-inf")
         self._claim_gap = MAX_CLAIM_GAP
@@ -161,6 +163,7 @@ class AlarmEngine:
     def close(self) -> None:
         """Release the LISTEN connection; let the callbacks under way finish and their answers be stored."""
         self.listener.close()
+        self.pruner.close()
         self.callbacks.close()
         writer.default.stop()
 
@@ -209,16 +212,10 @@ class AlarmEngine:
         self.next_record_at = now + settings.integer("BEAT_RECORD_INTERVAL") / 1000
 
     def _prune(self, now: float) -> None:
-        """Remove kept history older than KEEP_FINISHED, one batch per prune interval."""
+        """Ask for a pruning pass (``pruning``): it removes what ended before KEEP_FINISHED ago, batch after
+        batch until caught up, beside this loop where the database allows."""
         self.next_prune_at = now + settings.integer("PRUNE_INTERVAL") / 1000
-        keep = settings.keep_finished()
-        pruned = 0
-        if keep is not None:
-            pruned = self.store.prune(to_datetime(now) - keep, settings.integer("PRUNE_BATCH"))
-        if registry.serves_django_tasks():  # Django Tasks results past their RESULT_TTL
-            pruned += self.store.prune_task_records(to_datetime(now), settings.integer("PRUNE_BATCH"))
-        if pruned:
-            logger.info("pruned %s ended alarms", pruned, extra={"action": "pruned", "count": pruned})
+        self.pruner.due(now)
 
     def _load_window(self, name: str, now: float) -> None:
         window = self.windows.get(name)

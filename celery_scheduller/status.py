@@ -7,7 +7,7 @@ from typing import Any
 
 from django.db.models import Count, Min
 
-from . import registry, states
+from . import registry, states, store
 from .conf import settings
 from .models import Alarm, BeatRecord
 
@@ -51,7 +51,30 @@ def collect(now: dt.datetime) -> dict[str, Any]:
         }
         for beat in BeatRecord.objects.filter(last_seen__gte=alive_after).order_by("name")
     ]
-    return {"now": _iso(now), "schedullers": schedullers, "beats": beats}
+    return {"now": _iso(now), "schedullers": schedullers, "beats": beats, "retention": retention(now)}
+
+
+#: ``retention`` counts at most this many ended alarms waiting to be pruned
+RETENTION_COUNT_LIMIT = 100_000
+
+
+def retention(now: dt.datetime) -> dict[str, Any]:
+    """What pruning has yet to remove: the ended alarms kept longer than KEEP_FINISHED (counted up to
+    RETENTION_COUNT_LIMIT) and how far past it the oldest of them is. A pruner that keeps pace leaves at
+    most a PRUNE_INTERVAL of them; more, for longer, means it is behind."""
+    keep = settings.keep_finished()
+    if keep is None:
+        return {"keep_finished_seconds": None, "waiting": 0, "oldest_past_seconds": None, "behind": False}
+    waiting, oldest = store.prune_backlog(now - keep, RETENTION_COUNT_LIMIT)
+    past = None if oldest is None else round((now - keep - oldest).total_seconds(), 3)
+    # a pass every PRUNE_INTERVAL removes everything past the cut-off: twice that, and a minute, is behind
+    allowed = 2 * settings.integer("PRUNE_INTERVAL") / 1000 + 60
+    return {
+        "keep_finished_seconds": keep.total_seconds(),
+        "waiting": waiting,
+        "oldest_past_seconds": past,
+        "behind": past is not None and past > allowed,
+    }
 
 
 def worst_overdue(status: dict[str, Any]) -> float:

@@ -81,6 +81,8 @@ class Store(Protocol):
 
     def prune_task_records(self, now: dt.datetime, limit: int) -> int: ...
 
+    def prune_backlog(self, before: dt.datetime, up_to: int) -> tuple[int, dt.datetime | None]: ...
+
 
 #: The store on the project's database.
 default = DatabaseStore()
@@ -96,6 +98,7 @@ lease_timeouts = default.lease_timeouts
 record_beat = default.record_beat
 prune = default.prune
 prune_task_records = default.prune_task_records
+prune_backlog = default.prune_backlog
 finish = default.finish
 finishes_in_one_statement = default.finishes_in_one_statement
 finish_many = default.finish_many

@@ -156,8 +156,15 @@ class DatabaseStore:
         )
 
     def prune(self, before: dt.datetime, limit: int) -> int:
-        """``transitions.PRUNE`` of up to ``limit`` alarms that ended before ``before``."""
+        """``transitions.PRUNE`` of up to ``limit`` alarms that ended before ``before``, oldest first, with their
+        history; one statement on PostgreSQL, where rows another pruner holds are skipped."""
+        if _on_postgresql():
+            return postgres.prune(before, limit)
         return orm.prune(before, limit)
+
+    def prune_backlog(self, before: dt.datetime, up_to: int) -> tuple[int, dt.datetime | None]:
+        """How many ended alarms wait to be pruned (at most ``up_to`` counted) and when the oldest ended."""
+        return orm.prune_backlog(before, up_to)
 
     def prune_task_records(self, now: dt.datetime, limit: int) -> int:
         """Up to ``limit`` Django Tasks results (``task_backend``) past their ``RESULT_TTL``."""

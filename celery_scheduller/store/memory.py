@@ -189,12 +189,19 @@ class MemoryStore:
     def prune_task_records(self, now: dt.datetime, limit: int) -> int:
         return 0
 
-    def prune(self, before: dt.datetime, limit: int) -> int:
-        ended = [
-            pk
+    def _ended_before(self, before: dt.datetime) -> list[tuple[dt.datetime, int]]:
+        return sorted(
+            (row["finished_at"], pk)
             for pk, row in self.rows.items()
             if row["state"] in t.PRUNE.source and row["finished_at"] is not None and row["finished_at"] < before
-        ][:limit]
-        for pk in ended:
+        )
+
+    def prune(self, before: dt.datetime, limit: int) -> int:
+        ended = self._ended_before(before)[:limit]
+        for _, pk in ended:
             del self.rows[pk]
         return len(ended)
+
+    def prune_backlog(self, before: dt.datetime, up_to: int) -> tuple[int, dt.datetime | None]:
+        ended = self._ended_before(before)
+        return min(len(ended), up_to), ended[0][0] if ended else None

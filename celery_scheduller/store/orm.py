@@ -214,9 +214,23 @@ def prune(before: dt.datetime, limit: int) -> int:
     return int(deleted)
 
 
+def prune_backlog(before: dt.datetime, up_to: int) -> tuple[int, dt.datetime | None]:
+    """How many ended alarms ended before ``before`` (counting at most ``up_to``), and when the oldest ended:
+    what pruning has yet to remove. Both read the (finished_at, state) index from its oldest end."""
+    ended = Alarm.objects.filter(state__in=t.PRUNE.source, finished_at__lt=before)
+    oldest = ended.order_by("finished_at").values_list("finished_at", flat=True).first()
+    if oldest is None:
+        return 0, None
+    return ended.order_by().values("pk")[:up_to].count(), oldest
+
+
 def prune_task_records(now: dt.datetime, limit: int) -> int:
-    """Up to ``limit`` Django Tasks results past their ``RESULT_TTL``."""
-    expired = list(TaskRecord.objects.filter(expires_at__lt=now).values_list("pk", flat=True)[:limit])
+    """Up to ``limit`` Django Tasks results past their ``RESULT_TTL``, the longest expired first."""
+    expired = list(
+        TaskRecord.objects.filter(expires_at__lt=now).order_by("expires_at").values_list("pk", flat=True)[:limit]
+    )
+    if not expired:
+        return 0
     deleted, _ = TaskRecord.objects.filter(pk__in=expired).delete()
     return int(deleted)
 

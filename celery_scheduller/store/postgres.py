@@ -376,3 +376,23 @@ def insert_params(batch: Sequence[NewAlarm]) -> list[Any]:
 
 def insert(batch: Sequence[NewAlarm], cursor: Any) -> None:
     cursor.execute(INSERT_ONE if len(batch) == 1 else INSERT_MANY, insert_params(batch))
+
+
+# -- prune ----------------------------------------------------------------------------------------------------
+
+#: ``transitions.PRUNE`` of the oldest ended alarms (``LIMIT %s``) that ended before ``%s``, with their
+#: history, in one statement. Rows another beat's pruner holds are skipped, not waited for; only ended rows
+#: are read (the (finished_at, state) index, oldest first), so claims and answers never meet its locks.
+PRUNE = (
+    f"WITH doomed AS (SELECT id, message_id FROM {ALARM} WHERE finished_at < %s AND state = ANY(%s) "
+    "ORDER BY finished_at LIMIT %s FOR UPDATE SKIP LOCKED), "
+    f"gone AS (DELETE FROM {ALARM} a USING doomed d WHERE a.id = d.id RETURNING a.message_id), "
+    f"history AS (DELETE FROM {ATTEMPT} h WHERE h.message_id IN (SELECT message_id FROM gone)) "
+    "SELECT count(*) FROM gone"
+)
+
+
+def prune(before: dt.datetime, limit: int) -> int:
+    with bound_cursor() as cursor:
+        cursor.execute(PRUNE, [before, list(t.PRUNE.source), limit])
+        return int(cursor.fetchone()[0])

@@ -50,6 +50,15 @@ class Command(BaseCommand):
                 f"past deadline {info['past_deadline']}"
             )
             self.stdout.write(f"  next due {info['next_due'] or '—'}")
+        kept = report["retention"]
+        if kept["keep_finished_seconds"] is not None:
+            past = kept["oldest_past_seconds"]
+            self.stdout.write(
+                f"retention: ended alarms kept {kept['keep_finished_seconds']:g}s; waiting to be pruned "
+                f"{kept['waiting']}"
+                + (f", the oldest {past:.1f}s past KEEP_FINISHED" if past is not None else "")
+                + ("  (pruning is behind)" if kept["behind"] else "")
+            )
         if not report["beats"]:
             self.stdout.write("beats: none seen recently")
         for beat in report["beats"]:
