@@ -762,9 +762,10 @@ def fill_far(count: int, start: float | None = None) -> None:
 def prepare_database() -> None:
     import psycopg
 
+    name = os.environ.get("BENCH_DB_NAME", "csched_bench_run")
     with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS csched_bench_run WITH (FORCE)")
-        conn.execute("CREATE DATABASE csched_bench_run")
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
     import django
 
     django.setup()

@@ -17,7 +17,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.postgresql",
-        "NAME": "csched_bench_run",
+        # BENCH_DB_NAME: a database of its own for a benchmark that runs beside another (soak.py, scale.py)
+        "NAME": os.environ.get("BENCH_DB_NAME", "csched_bench_run"),
         "USER": os.environ.get("PGUSER", "postgres"),
         "HOST": os.environ.get("PGHOST", "127.0.0.1"),
         "PORT": os.environ.get("PGPORT", "5432"),
@@ -29,8 +30,10 @@ DATABASES = {
 
 REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
 # compare.py --broker: another broker (e.g. RabbitMQ) for the tasks; the hits stay in Redis
-CELERY_BROKER_URL = os.environ.get("BENCH_BROKER") or f"{REDIS}/12"
-HITS_URL = f"{REDIS}/13"
+# BENCH_REDIS_DBS="broker,hits": other Redis database numbers for a benchmark that runs beside another
+_BROKER_DB, _HITS_DB = os.environ.get("BENCH_REDIS_DBS", "12,13").split(",")
+CELERY_BROKER_URL = os.environ.get("BENCH_BROKER") or f"{REDIS}/{_BROKER_DB}"
+HITS_URL = f"{REDIS}/{_HITS_DB}"
 CELERY_TIMEZONE = "UTC"
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -39,9 +42,11 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = True
 
-CELERY_SCHEDULLER_CLASSES = ["bench.alarms.BenchAlarms"]
-# the seed's default: a finished alarm leaves the table
-CELERY_SCHEDULLER_KEEP_FINISHED = None
+CELERY_SCHEDULLER_CLASSES = ["bench.alarms.BenchAlarms", "bench.alarms.SoakAlarms"]
+# the seed's default: a finished alarm leaves the table; BENCH_KEEP_FINISHED (seconds) keeps history (soak.py)
+CELERY_SCHEDULLER_KEEP_FINISHED = int(os.environ.get("BENCH_KEEP_FINISHED", "0")) or None
+if os.environ.get("BENCH_PRUNE_INTERVAL"):  # soak.py --pruning off: the first pass at start, none after it
+    CELERY_SCHEDULLER_PRUNE_INTERVAL = int(os.environ["BENCH_PRUNE_INTERVAL"])
 # BENCH_DB_CONNECTIONS (bench/worker_cost.py --connections): "pool" (above), or "persistent" /
 # "persistent-reuse" (CONN_MAX_AGE = None, without / with Celery's CELERY_DB_REUSE_MAX; see celery_app.py)
 if os.environ.get("BENCH_DB_CONNECTIONS", "pool") != "pool":

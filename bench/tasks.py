@@ -39,3 +39,14 @@ def hit(self: Any, run: str, n: int, due: float) -> None:
 def ping(key: str) -> None:
     """Tell the benchmark the worker consumes."""
     _hits.set(key, "1")
+
+
+@shared_task(name="bench.soak", bind=True)
+def soak(self: Any, run: str, n: int, due: float, fail: bool) -> None:
+    """bench/soak.py's task: records ``n due started attempt outcome``; a ``fail`` alarm's first try raises."""
+    started = time.time()
+    attempt = int(str(self.request.id).rpartition("#")[2] or 0)
+    failing = fail and attempt == 1
+    _hits.rpush(f"soak:{run}", f"{n} {due!r} {started!r} {attempt} {'error' if failing else 'ok'}")
+    if failing:
+        raise RuntimeError("a first try that fails (bench/soak.py)")

@@ -13,7 +13,11 @@ class CelerySchedullerConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks, hooks
+        from . import checks, hooks, registry
 
+        if registry.serves_django_tasks():
+            from . import task_backend
+
+            task_backend.connect()  # before the hooks: see ``task_backend.connect``
         hooks.connect()
         _ = checks  # importing registers the system checks

@@ -27,6 +27,9 @@ _instances: dict[type[Scheduller], Scheduller] = {}
 _subclasses: set[type[Scheduller]] = set()
 #: served as well when TASKS names the Django Tasks backend
 TASK_ALARMS = "celery_scheduller.task_backend.TaskAlarms"
+TASK_BACKEND = "celery_scheduller.task_backend.AlarmTaskBackend"
+#: ``TASKS``' backend paths → whether one of them is ``AlarmTaskBackend`` or a subclass
+_serves_tasks: dict[tuple[str, ...], bool] = {}
 
 
 def known(cls: type[Scheduller]) -> None:
@@ -61,11 +64,22 @@ def classes() -> dict[str, type[Scheduller]]:
 
 
 def serves_django_tasks() -> bool:
-    """Whether ``TASKS`` names ``AlarmTaskBackend`` (its deferred tasks are alarms of ``TaskAlarms``)."""
+    """Whether ``TASKS`` names ``AlarmTaskBackend`` or a subclass of it (its deferred tasks are alarms of
+    ``TaskAlarms``)."""
     from django.conf import settings as django_settings
 
     backends = getattr(django_settings, "TASKS", {}) or {}
-    return any(str(params.get("BACKEND", "")).endswith(".AlarmTaskBackend") for params in backends.values())
+    paths = tuple(str(params.get("BACKEND", "")) for params in backends.values())
+    if paths not in _serves_tasks:
+        found = False
+        for path in paths:
+            try:
+                backend, ours = import_string(path), import_string(TASK_BACKEND)
+            except ImportError:
+                continue  # Django reports a backend it cannot import when it is used
+            found = found or (isinstance(backend, type) and issubclass(backend, ours))
+        _serves_tasks[paths] = found
+    return _serves_tasks[paths]
 
 
 def names() -> list[str]:

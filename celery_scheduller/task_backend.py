@@ -19,12 +19,14 @@ Works with Django 6's ``django.tasks`` and, on Django 5.2, the ``django-tasks`` 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import socket
 import traceback
 from typing import Any
 
 from asgiref.sync import async_to_sync
+from django.db import DatabaseError
 from django.utils import timezone
 from django.utils.crypto import get_random_string
 from django.utils.module_loading import import_string
@@ -79,6 +81,9 @@ class AlarmTaskBackend(BaseTaskBackend):
         from .models import TaskRecord
 
         self.validate_task(task)
+        # as Django's framework does (``TaskResult``), before anything is written: bytes as text, any sequence
+        # as a list; its TypeError for a type it refuses, and ours for what JSON cannot hold (NaN, ±Infinity)
+        args, kwargs = storable(list(args), "args"), storable(dict(kwargs), "kwargs")
         now = timezone.now()
         record = TaskRecord.objects.create(
             id=get_random_string(32),
@@ -88,8 +93,8 @@ class AlarmTaskBackend(BaseTaskBackend):
             priority=task.priority,
             run_after=task.run_after,
             status=TaskResultStatus.READY,
-            args=list(args),
-            kwargs=dict(kwargs),
+            args=args,
+            kwargs=kwargs,
             enqueued_at=now,
         )
         if task.run_after is None:
@@ -188,13 +193,21 @@ def run(result_id: str, worker_id: str | None = None) -> dict[str, Any]:
     record.worker_ids = [*record.worker_ids, worker_id or socket.gethostname()]
     record.save(update_fields=["status", "started_at", "last_attempted_at", "worker_ids"])
     result = _result(record, task)
-    task_started.send(AlarmTaskBackend, task_result=result)
+    task_started.send(type(_backend(record.backend)), task_result=result)
     try:
         call_args = [TaskContext(task_result=result), *record.args] if task.takes_context else list(record.args)
         value = task.func(*call_args, **record.kwargs)
         if hasattr(value, "__await__"):
             value = async_to_sync(_awaited)(value)
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the task's outcome, not the worker's
+        if not isinstance(exc, Exception):
+            logger.error(
+                "Django Task %s (result %s) raised %s: recorded as its failure; the worker goes on",
+                record.task_path,
+                result_id,
+                type(exc).__name__,
+                extra={"action": "task_failed"},
+            )
         retry_in = _record_outcome(record, None, "", exc)
     else:
         retry_in = _record_outcome(record, value, None)
@@ -211,46 +224,139 @@ async def _awaited(value: Any) -> Any:
     return await value
 
 
-def record_outcome(result_id: str, value: Any, failure: str | None, exc: BaseException | None = None) -> int | None:
-    """Store what an attempt of ``result_id`` came to; returns the ms until the next attempt, or None."""
+def record_outcome(
+    result_id: str, value: Any, failure: str | None, exc: BaseException | None = None, traceback_text: str = ""
+) -> int | None:
+    """Store what the running attempt of ``result_id`` came to, unless its runner already did (a result not
+    ``RUNNING``); returns the ms until the next attempt, or None."""
     from .models import TaskRecord
 
     record = TaskRecord.objects.filter(pk=result_id).first()
-    return None if record is None else _record_outcome(record, value, failure, exc)
+    if record is None:
+        return None
+    if record.status != TaskResultStatus.RUNNING:  # recorded: the retry it decided, if any
+        return _retry_delay(_backend(record.backend), record) if record.status == TaskResultStatus.READY else None
+    return _record_outcome(record, value, failure, exc, traceback_text)
 
 
-def _record_outcome(record: Any, value: Any, failure: str | None, exc: BaseException | None = None) -> int | None:
+def storable(value: Any, field: str) -> Any:
+    """``value`` as Django's framework normalises it (``normalize_json``: its TypeError for a type it refuses),
+    checked to be JSON a database keeps: NaN and ±Infinity are refused with a ValueError naming ``field``."""
+    normalized = normalize_json(value)
+    try:
+        json.dumps(normalized, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}: NaN and ±Infinity cannot be stored as JSON") from None
+    return normalized
+
+
+def _retry_delay(backend: AlarmTaskBackend, record: Any) -> int:
+    attempts = max(len(record.worker_ids), 1)
+    return int(backend.backoff_ms * 2 ** (attempts - 1))
+
+
+def _record_outcome(
+    record: Any, value: Any, failure: str | None, exc: BaseException | None = None, traceback_text: str = ""
+) -> int | None:
     """``record_outcome`` of a result already read (``run`` holds it)."""
     backend = _backend(record.backend)
     now = timezone.now()
     if failure is None and exc is None:
         try:
-            record.return_value = normalize_json(value)
+            record.return_value = storable(value, "return_value")
         except (TypeError, ValueError) as bad:
             exc = bad
         else:
             record.status = TaskResultStatus.SUCCESSFUL
     retry_in: int | None = None
     if exc is not None or failure:
+        record.return_value = None
         if exc is not None:
             path = f"{type(exc).__module__}.{type(exc).__qualname__}"
-            text = "".join(traceback.format_exception(exc))
+            text = traceback_text or "".join(traceback.format_exception(exc))
         else:
             path, text = "celery_scheduller.exceptions.SchedullerError", str(failure)
         record.errors = [*record.errors, {"exception_class_path": path, "traceback": text}]
-        attempts = max(len(record.worker_ids), 1)
-        if attempts < backend.attempts:
-            retry_in = backend.backoff_ms * 2 ** (attempts - 1)
+        if max(len(record.worker_ids), 1) < backend.attempts:
+            retry_in = _retry_delay(backend, record)
             record.status = TaskResultStatus.READY
         else:
             record.status = TaskResultStatus.FAILED
     if retry_in is None:
         record.finished_at = now
         record.expires_at = now + dt.timedelta(seconds=backend.result_ttl)
-    record.save()
+    _save(record)
     if retry_in is None:
-        task_finished.send(AlarmTaskBackend, task_result=_result(record, _task(record)))
+        task_finished.send(type(backend), task_result=_result(record, _task(record)))
     return retry_in
+
+
+def _save(record: Any) -> None:
+    """Save the outcome; one the database refuses is replaced by that error, so the result still ends."""
+    try:
+        with db.atomic():
+            record.save()
+    except DatabaseError as exc:
+        logger.error(
+            "the outcome of Django Task result %s could not be stored (%s): recorded as its failure",
+            record.pk,
+            exc,
+            extra={"action": "task_failed"},
+        )
+        path = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        text = f"storing the task's outcome failed: {''.join(traceback.format_exception(exc))}"
+        record.return_value = None
+        record.errors = [*record.errors, {"exception_class_path": path, "traceback": text}]
+        record.status = TaskResultStatus.FAILED
+        record.finished_at = record.finished_at or timezone.now()
+        record.expires_at = record.expires_at or record.finished_at + dt.timedelta(
+            seconds=_backend(record.backend).result_ttl
+        )
+        record.save()
+
+
+def on_runner_failure(
+    sender: Any = None,
+    exception: BaseException | None = None,
+    kwargs: Any = None,
+    einfo: Any = None,
+    **_: Any,
+) -> None:
+    """Celery's ``task_failure`` for the runner: a lost worker (a killed process, an ``exit()`` under the
+    threads pool) or a hard time limit ends its attempt, which the runner itself never recorded, with the
+    real exception; the runner's own failures land here too if recording failed. A retry of a task published
+    at once is then an alarm, as ``run`` makes it."""
+    if getattr(sender, "name", None) != RUNNER or exception is None:
+        return
+    result_id = str((kwargs or {}).get("result_id", ""))
+    try:
+        text = str(getattr(einfo, "traceback", "") or "") or "".join(traceback.format_exception(exception))
+        retry_in = record_outcome(result_id, None, None, exception, text)
+        if retry_in is not None:
+            from .models import Alarm
+
+            message_id = f"django-task-{result_id}"
+            if not Alarm.objects.filter(message_id=message_id, state__in=("pending", "published")).exists():
+                record = _record(result_id)
+                backend = _backend(record.backend)
+                message = backend._message(result_id, record.queue_name, record.priority)
+                TaskAlarms().dispatch(message, result_id, in_ms=retry_in)
+    except Exception:
+        logger.exception("recording the failure of Django Task result %s failed", result_id)
+
+
+def _record(result_id: str) -> Any:
+    from .models import TaskRecord
+
+    return TaskRecord.objects.get(pk=result_id)
+
+
+def connect() -> None:
+    """Connect ``on_runner_failure``: before the alarm hooks, so a deferred task's real exception is recorded
+    before its alarm's ``service_responded`` sees the attempt's error."""
+    from celery import signals
+
+    signals.task_failure.connect(on_runner_failure, weak=False, dispatch_uid="celery_scheduller.task_runner_failure")
 
 
 def _backend(alias: str) -> AlarmTaskBackend:

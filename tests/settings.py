@@ -43,6 +43,8 @@ TASKS = {
         "BACKEND": "celery_scheduller.task_backend.AlarmTaskBackend",
         "OPTIONS": {"RETRY": {"ATTEMPTS": 3, "BACKOFF_MS": 200}},
     },
+    # a project's own subclass, under a name of its own
+    "subclassed": {"BACKEND": "tests.testapp.backends.ProjectTaskBackend"},
 }
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",

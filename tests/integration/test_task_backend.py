@@ -167,3 +167,124 @@ def test_priority_and_queue_map_to_celery():
     result = jobs.add.using(priority=50).enqueue(5, 5)
     finished(result)
     assert result.return_value == 10
+
+
+def signals_of(result) -> set[tuple[str, str, str]]:
+    """``(signal, status, sender class)`` of the started/finished signals the worker sent for ``result``."""
+    return {
+        (run.task, run.kwargs["status"], run.kwargs["sender"])
+        for run in Run.objects.filter(task__startswith="signal:")
+        if run.kwargs["id"] == result.id
+    }
+
+
+BASE_ENDINGS = [
+    ("SystemExit", "builtins.SystemExit", "SystemExit: asked to exit"),
+    ("exit", "builtins.SystemExit", "SystemExit: 1"),
+    ("KeyboardInterrupt", "builtins.KeyboardInterrupt", "KeyboardInterrupt"),
+]
+
+
+@pytest.mark.parametrize(("kind", "class_path", "last_line"), BASE_ENDINGS)
+def test_a_task_that_raises_a_base_exception_is_failed_with_its_class_and_traceback(kind, class_path, last_line):
+    result = jobs.raise_base.enqueue(kind)
+    finished(result)
+    assert result.status == TaskResultStatus.FAILED and len(result.errors) == 1
+    assert result.errors[0].exception_class_path == class_path
+    assert "in raise_base" in result.errors[0].traceback
+    assert result.errors[0].traceback.rstrip().endswith(last_line)
+    assert signals_of(result) == {
+        ("signal:started", "RUNNING", "AlarmTaskBackend"),
+        ("signal:finished", "FAILED", "AlarmTaskBackend"),
+    }
+    assert jobs.add.enqueue(1, 1) and finished(jobs.add.enqueue(2, 2)) is None  # the worker goes on
+
+
+@pytest.mark.parametrize(("kind", "class_path", "last_line"), BASE_ENDINGS[:1] + BASE_ENDINGS[2:])
+def test_a_deferred_task_that_raises_a_base_exception_is_failed_in_seconds_not_after_its_timeout(
+    beat, kind, class_path, last_line
+):
+    result = jobs.raise_base.using(run_after=timezone.now() + dt.timedelta(seconds=0.5)).enqueue(kind)
+    run_beat(beat(), is_finished(result), 15, "the deferred task")  # TIMEOUT_MS is an hour
+    assert result.status == TaskResultStatus.FAILED
+    assert result.errors[0].exception_class_path == class_path
+    assert result.errors[0].traceback.rstrip().endswith(last_line)
+    assert ("signal:finished", "FAILED", "AlarmTaskBackend") in signals_of(result)
+    wait_for(
+        lambda: not Alarm.objects.filter(aggregate_id=result.id, state__in=["pending", "published"]).exists(),
+        10,
+        "the alarm to end",
+    )
+
+
+def test_a_result_that_json_cannot_hold_fails_the_task_with_an_error_naming_the_field():
+    result = jobs.not_a_number.enqueue()
+    finished(result)
+    assert result.status == TaskResultStatus.FAILED
+    assert result.errors[0].exception_class_path == "builtins.ValueError"
+    assert "return_value: Out of range float values are not JSON compliant" in result.errors[0].traceback
+    assert ("signal:finished", "FAILED", "AlarmTaskBackend") in signals_of(result)
+
+
+def test_a_nan_argument_is_refused_at_enqueue_and_the_callers_transaction_goes_on():
+    with transaction.atomic():
+        with pytest.raises(ValueError, match=r"args: Out of range float values .*NaN"):
+            jobs.add.enqueue(float("nan"), 1)
+        with pytest.raises(ValueError, match=r"kwargs: .*NaN"):
+            jobs.add.using(run_after=timezone.now() + dt.timedelta(hours=1)).enqueue(a=1, b=float("inf"))
+        assert TaskRecord.objects.count() == 0  # the transaction still answers queries
+        assert not Alarm.objects.exists()
+        kept = jobs.add.enqueue(1, 2)
+    finished(kept)
+    assert kept.return_value == 3
+
+
+def test_arguments_are_normalised_as_djangos_framework_does_before_anything_is_written():
+    from collections import UserList
+
+    result = jobs.echo.enqueue(b"x", UserList([1]), (2, 3))
+    assert (result.args, TaskRecord.objects.get(pk=result.id).args) == (["x", [1], [2, 3]], ["x", [1], [2, 3]])
+    finished(result)
+    assert result.return_value == ["x", [1], [2, 3]]
+    with pytest.raises(TypeError, match="Unsupported type: <class 'object'>"):
+        jobs.echo.enqueue(object())
+    with pytest.raises(ValueError, match="Unsupported value"):
+        jobs.echo.enqueue(b"\xff")
+    assert TaskRecord.objects.count() == 1
+
+
+def test_a_lost_worker_fails_the_result_in_seconds_with_the_real_exception():
+    result = jobs.die.enqueue()
+    finished(result, 30)
+    assert result.status == TaskResultStatus.FAILED
+    assert result.errors[0].exception_class_path == "billiard.exceptions.WorkerLostError"
+    assert "WorkerLostError" in result.errors[0].traceback
+    assert ("signal:finished", "FAILED", "AlarmTaskBackend") in signals_of(result)
+
+
+def test_a_deferred_task_on_a_lost_worker_fails_with_the_real_exception(beat):
+    result = jobs.die.using(run_after=timezone.now() + dt.timedelta(seconds=0.5)).enqueue()
+    run_beat(beat(), is_finished(result), 30, "the deferred task on a lost worker")
+    assert result.status == TaskResultStatus.FAILED
+    assert [e.exception_class_path for e in result.errors] == ["billiard.exceptions.WorkerLostError"]
+
+
+def test_a_subclass_of_the_backend_serves_deferred_tasks_and_sends_signals_as_itself(beat):
+    from django.test import override_settings
+
+    from celery_scheduller import registry
+
+    with override_settings(TASKS={"only": {"BACKEND": "tests.testapp.backends.ProjectTaskBackend"}}):
+        assert registry.serves_django_tasks()
+        assert "django_tasks" in registry.names()
+    # back to the worker's configuration, which names the subclass "subclassed"
+    now = jobs.add_elsewhere.enqueue(2, 3)
+    later = jobs.add_elsewhere.using(run_after=timezone.now() + dt.timedelta(seconds=0.5)).enqueue(4, 5)
+    scheduler = beat()
+    run_beat(scheduler, lambda: is_finished(now)() and is_finished(later)(), 15, "both tasks")
+    assert (now.return_value, later.return_value) == (5, 9)
+    for result in (now, later):
+        assert signals_of(result) == {
+            ("signal:started", "RUNNING", "ProjectTaskBackend"),
+            ("signal:finished", "SUCCESSFUL", "ProjectTaskBackend"),
+        }

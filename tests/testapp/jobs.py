@@ -53,7 +53,7 @@ def _record_signal(name: str):
     def receiver(sender: Any, task_result: Any, **kwargs: Any) -> None:
         Run.objects.create(
             task=f"signal:{name}",
-            kwargs={"id": task_result.id, "status": str(task_result.status)},
+            kwargs={"id": task_result.id, "status": str(task_result.status), "sender": sender.__name__},
             started_at=timezone.now(),
         )
 
@@ -62,3 +62,40 @@ def _record_signal(name: str):
 
 task_started.connect(_record_signal("started"), weak=False, dispatch_uid="jobs.started")
 task_finished.connect(_record_signal("finished"), weak=False, dispatch_uid="jobs.finished")
+
+
+@task
+def raise_base(kind: str) -> None:
+    """End the way ``kind`` says: SystemExit, exit(1), KeyboardInterrupt."""
+    if kind == "SystemExit":
+        raise SystemExit("asked to exit")
+    if kind == "exit":
+        exit(1)  # the builtin a task might call
+    raise KeyboardInterrupt
+
+
+@task
+def not_a_number() -> float:
+    """Return what JSON cannot hold."""
+    return float("nan")
+
+
+@task
+def echo(*args: Any) -> list[Any]:
+    """Return the arguments as the task received them."""
+    return list(args)
+
+
+@task
+def die() -> None:
+    """Kill the worker process that runs this (a lost worker)."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task(backend="subclassed")
+def add_elsewhere(a: int, b: int) -> int:
+    """``add`` on the backend configured as a subclass of AlarmTaskBackend."""
+    return a + b
