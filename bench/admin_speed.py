@@ -1,11 +1,16 @@
 """Time the alarm admin's pages at a million rows on PostgreSQL.
 
     python bench/admin_speed.py [--rows 1000000]
+    python bench/admin_speed.py --database NAME --message-id ID [--json]
 
 Creates (and drops first) the database ``csched_bench``, migrates it, fills it with ``--rows`` alarms
 in one statement, then requests each page five times with Django's test client as a superuser and
 prints the median and worst time and the number of queries. Needs PostgreSQL on 127.0.0.1:5432. The goal:
 every page under 300 ms.
+
+With ``--database`` it times the first pages an operator opens (the changelist, a state filter, an exact
+search for ``--message-id``, a year drill-down, a change page) on a database another benchmark filled
+(``bench/scale.py``), as it is: nothing is created but the admin's own tables and user.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
 os.environ["CSCHED_DB"] = "postgres"
-os.environ["CSCHED_DB_NAME"] = "csched_bench"
+if "--database" in sys.argv:
+    os.environ["CSCHED_DB_NAME"] = sys.argv[sys.argv.index("--database") + 1]
+else:
+    os.environ["CSCHED_DB_NAME"] = "csched_bench"
 
 
 def pages() -> list[tuple[str, str | None]]:
@@ -59,7 +67,13 @@ def pages() -> list[tuple[str, str | None]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--database", default=None)
+    parser.add_argument("--message-id", default=None)
+    parser.add_argument("--json", action="store_true", help="print the timings as JSON (with --database)")
     args = parser.parse_args()
+    if args.database:
+        existing(args)
+        return
 
     import psycopg
 
@@ -103,6 +117,56 @@ def main() -> None:
                 times.append((time.perf_counter() - began) * 1000)
             assert response.status_code == 200, (url, response.status_code)
         print(f"| {label} | {statistics.median(times):.0f} | {max(times):.0f} | {len(queries.captured_queries)} |")
+
+
+def time_page(client: object, url: str, repeat: int = 5) -> tuple[float, float, int]:
+    """Median and worst ms of ``repeat`` requests of ``url``, and the queries of the last."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    times = []
+    for _ in range(repeat):
+        with CaptureQueriesContext(connection) as queries:
+            began = time.perf_counter()
+            response = client.get(url)  # type: ignore[attr-defined]
+            times.append((time.perf_counter() - began) * 1000)
+        assert response.status_code == 200, (url, response.status_code)
+    return statistics.median(times), max(times), len(queries.captured_queries)
+
+
+def existing(args: argparse.Namespace) -> None:
+    """The first pages an operator opens, on a database filled by another benchmark."""
+    import datetime as dt
+    import json
+
+    import django
+
+    django.setup()
+    from django.contrib.auth.models import User
+    from django.core.management import call_command
+    from django.test import Client
+
+    from celery_scheduller.models import Alarm
+
+    call_command("migrate", verbosity=0)
+    if not User.objects.filter(username="bench").exists():
+        User.objects.create_superuser("bench", "bench@example.com", "bench")
+    client = Client()
+    client.force_login(User.objects.get(username="bench"))
+    base = "/admin/celery_scheduller/alarm/"
+    pk = Alarm.objects.filter(message_id=args.message_id).values_list("pk", flat=True).get()
+    year = dt.datetime.now(dt.UTC).year + 1
+    found = {}
+    for label, url in (
+        ("changelist", base),
+        ("state filter (pending)", f"{base}?status=pending"),
+        ("exact search (message id)", f"{base}?q={args.message_id}"),
+        ("year drill-down", f"{base}?dispatch_at__year={year}"),
+        ("change page", f"{base}{pk}/change/"),
+    ):
+        median, worst, queries = time_page(client, url)
+        found[label] = {"median_ms": round(median, 1), "worst_ms": round(worst, 1), "queries": queries}
+    print(json.dumps(found) if args.json else "\n".join(f"{k}: {v}" for k, v in found.items()))
 
 
 if __name__ == "__main__":

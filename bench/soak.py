@@ -5,7 +5,7 @@
                          [--plot docs/_static/soak.png]
 
 One process dispatches ``--rate`` alarms a second (``dispatch_many`` every 100 ms), each due ``--due-in``
-seconds later, for ``--minutes``; a ``--fail`` share of them fail their first try and are retried once a
+seconds after its place in an even stream, for ``--minutes``; a ``--fail`` share of them fail their first try and are retried once a
 second later (``bench.alarms.SoakAlarms``). Ended alarms are kept ``--keep`` seconds
 (``KEEP_FINISHED``). ``--beats`` beats (active-active) and one worker (threads, -c 8) on PostgreSQL and
 Redis. ``--pruning off`` runs the same with one pruning pass at start and none after (the figure to set
@@ -67,14 +67,14 @@ class Dispatcher(threading.Thread):
         from celery_scheduller import Message
 
         alarms = SoakAlarms()
-        start = time.monotonic()
+        start, wall = time.monotonic(), time.time()
         every = max(1, round(1 / self.fail)) if self.fail else 0
         try:
             while time.time() < self.stop_at:
                 owed = int((time.monotonic() - start) * self.rate) - self.sent
                 batch = []
                 for n in range(self.sent, self.sent + max(0, owed)):
-                    due = time.time() + self.due_in
+                    due = wall + self.due_in + n / self.rate  # an even stream, not a burst per batch
                     fail = bool(every) and n % every == 0
                     if fail:
                         self.failing.add(n)
