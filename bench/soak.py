@@ -5,9 +5,9 @@
                          [--plot docs/_static/soak.png]
 
 One process dispatches ``--rate`` alarms a second (``dispatch_many`` every 100 ms), each due ``--due-in``
-seconds after its place in an even stream, for ``--minutes``; a ``--fail`` share of them fail their first try and are retried once a
-second later (``bench.alarms.SoakAlarms``). Ended alarms are kept ``--keep`` seconds
-(``KEEP_FINISHED``). ``--beats`` beats (active-active) and one worker (threads, -c 8) on PostgreSQL and
+seconds after its place in an even stream, for ``--minutes``; a ``--fail`` share of them fail their first
+try and are retried once a second later (``bench.alarms.SoakAlarms``). Ended alarms are kept ``--keep``
+seconds (``KEEP_FINISHED``). ``--beats`` beats (active-active) and one worker (threads, -c 8) on PostgreSQL and
 Redis. ``--pruning off`` runs the same with one pruning pass at start and none after (the figure to set
 beside a run with it on).
 
