@@ -8,8 +8,8 @@ One process dispatches ``--rate`` alarms a second (``dispatch_many`` every 100 m
 seconds after its place in an even stream, for ``--minutes``; a ``--fail`` share of them fail their first
 try and are retried once a second later (``bench.alarms.SoakAlarms``). Ended alarms are kept ``--keep``
 seconds (``KEEP_FINISHED``). ``--beats`` beats (active-active) and one worker (threads, -c 8) on PostgreSQL and
-Redis. ``--pruning off`` runs the same with one pruning pass at start and none after (the figure to set
-beside a run with it on).
+Redis. ``--pruning off`` runs the same with one pruning pass at start and none after; ``--pruning both``
+runs off, then on, and prints the ratio of their p99 lateness (first tries after the first KEEP_FINISHED).
 
 Every ``--sample`` seconds it records: lateness percentiles of the first tries that started in that window
 (task start − due), beat and worker RSS, the database's open connections, rows and size of each of the
@@ -28,7 +28,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import statistics
 import sys
 import threading
 import time
@@ -91,7 +90,16 @@ class Dispatcher(threading.Thread):
             connection.close()
 
 
-def sample(args: argparse.Namespace, run: str, beats: list, worker, hits, seen: list[int], started: float) -> dict:
+def sample(
+    args: argparse.Namespace,
+    run: str,
+    beats: list,
+    worker,
+    hits,
+    seen: list[int],
+    started: float,
+    pooled: list[tuple[float, float]],
+) -> dict:
     from django.db import connection
 
     from celery_scheduller import states
@@ -103,6 +111,7 @@ def sample(args: argparse.Namespace, run: str, beats: list, worker, hits, seen: 
         _n, due, began, attempt, _outcome = line.decode().split()
         if attempt == "1":
             late.append((float(began) - float(due)) * 1000)
+            pooled.append((float(began) - started, late[-1]))
     now = dt.datetime.now(dt.UTC)
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
@@ -201,45 +210,33 @@ def plot(samples: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=80)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", type=float, default=200)
-    parser.add_argument("--minutes", type=float, default=30)
-    parser.add_argument("--due-in", type=float, default=5)
-    parser.add_argument("--fail", type=float, default=0.05)
-    parser.add_argument("--keep", type=int, default=60)
-    parser.add_argument("--beats", type=int, default=1)
-    parser.add_argument("--sample", type=float, default=30)
-    parser.add_argument("--pruning", choices=("on", "off"), default="on")
-    parser.add_argument("--vacuum", type=float, default=60)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
-    args = parser.parse_args()
-    os.environ["BENCH_KEEP_FINISHED"] = str(args.keep)
-    os.environ["BENCH_MAX_IN_FLIGHT"] = "none"
-    if args.pruning == "off":
-        os.environ["BENCH_PRUNE_INTERVAL"] = str(10**9)
+def soak(args: argparse.Namespace, pruning: str) -> dict:
+    """One soak with pruning ``on`` or ``off``; returns its summary."""
+    if pruning == "off":
+        os.environ["BENCH_PRUNE_INTERVAL"] = str(10**9)  # beat's first pass at start, none after it
+    else:
+        os.environ.pop("BENCH_PRUNE_INTERVAL", None)
+    from django.db import connection
 
     from bench.compare import Bench, prepare_database
 
+    connection.close()
     prepare_database()
     bench = Bench(argparse.Namespace(concurrency=args.concurrency))
     bench.reset()
     run = "soak"
     worker = bench.worker(run)
     beats = [bench.beat(run, "celery_scheduller", index) for index in range(args.beats)]
-    print(f"logs in {bench.logs}", flush=True)
+    print(f"pruning {pruning}: logs in {bench.logs}", flush=True)
     started = time.time()
     stop_at = started + args.minutes * 60
     dispatcher = Dispatcher(run, args.rate, args.due_in, args.fail, stop_at)
     dispatcher.start()
     samples: list[dict] = []
+    pooled: list[tuple[float, float]] = []
     seen = [0]
     next_sample = started + args.sample
     next_vacuum = started + args.vacuum if args.vacuum else float("inf")
-    from django.db import connection
-
     try:
         while dispatcher.is_alive():
             time.sleep(max(0.0, min(next_sample, next_vacuum, stop_at) - time.time()))
@@ -248,7 +245,7 @@ def main() -> None:
                     cursor.execute(f"VACUUM (ANALYZE) {', '.join(TABLES)}")
                 next_vacuum += args.vacuum
             if time.time() >= next_sample:
-                samples.append(sample(args, run, beats, worker, bench.hits, seen, started))
+                samples.append(sample(args, run, beats, worker, bench.hits, seen, started, pooled))
                 print(json.dumps(samples[-1]), flush=True)
                 next_sample += args.sample
         if dispatcher.error is not None:
@@ -266,24 +263,55 @@ def main() -> None:
     finally:
         for proc in [*beats, worker]:
             proc.stop()
-    steady = [s for s in samples if s["t"] > args.keep + 2 * args.sample]
+    # after the first KEEP_FINISHED (and two samples): pruning has work from then on
+    warm = args.keep + 2 * args.sample
+    steady = [late for t, late in pooled if t > warm]
     summary = {
-        "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
-        "settings": vars(args) | {"out": str(args.out), "plot": str(args.plot)},
+        "pruning": pruning,
         "samples": samples,
         "outcome": result,
-        "steady_p99_ms_median": statistics.median([s["p99_ms"] for s in steady if s["p99_ms"] is not None])
-        if steady
-        else None,
+        "steady_from_s": warm,
+        "steady": {
+            "first_tries": len(steady),
+            "p50_ms": percentile(steady, 0.5),
+            "p90_ms": percentile(steady, 0.9),
+            "p99_ms": percentile(steady, 0.99),
+            "max_ms": max(steady, default=None),
+        },
     }
-    print(json.dumps(summary["outcome"]), flush=True)
-    print(
-        f"median of the windows' p99 after the first {args.keep + 2 * args.sample:.0f} s: "
-        f"{summary['steady_p99_ms_median']}",
-        flush=True,
-    )
+    print(json.dumps({"pruning": pruning, **summary["outcome"], **summary["steady"]}), flush=True)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--due-in", type=float, default=5)
+    parser.add_argument("--fail", type=float, default=0.05)
+    parser.add_argument("--keep", type=int, default=60)
+    parser.add_argument("--beats", type=int, default=1)
+    parser.add_argument("--sample", type=float, default=30)
+    parser.add_argument("--pruning", choices=("on", "off", "both"), default="on")
+    parser.add_argument("--vacuum", type=float, default=60)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+    args = parser.parse_args()
+    os.environ["BENCH_KEEP_FINISHED"] = str(args.keep)
+    os.environ["BENCH_MAX_IN_FLIGHT"] = "none"
+    runs = [soak(args, pruning) for pruning in (("off", "on") if args.pruning == "both" else (args.pruning,))]
+    report = {
+        "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
+        "settings": vars(args) | {"out": str(args.out), "plot": str(args.plot)},
+        "runs": runs,
+    }
+    if len(runs) == 2 and runs[0]["steady"]["p99_ms"] and runs[1]["steady"]["p99_ms"]:
+        report["p99_on_over_off"] = runs[1]["steady"]["p99_ms"] / runs[0]["steady"]["p99_ms"]
+        print(f"p99 with pruning on / off: {report['p99_on_over_off']:.3f}", flush=True)
     if args.out:
-        args.out.write_text(json.dumps(summary, indent=1))
+        args.out.write_text(json.dumps(report, indent=1))
+    samples = runs[-1]["samples"]
     if args.plot and samples:
         title = (
             f"soak: {args.rate:g}/s for {args.minutes:g} min, KEEP_FINISHED {args.keep} s, "

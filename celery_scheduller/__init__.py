@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from .exceptions import ConfigurationError, InvalidAlarm, InvalidResponse, SchedullerError, UnknownScheduller
 from .message import Message, Response
-from .scheduller import OK, Retry, Scheduller
+from .scheduller import OK, Fail, Retry, Scheduller
 
 __version__ = "0.1.0"
 
 __all__ = [
     "OK",
     "ConfigurationError",
+    "Fail",
     "InvalidAlarm",
     "InvalidResponse",
     "Message",

@@ -302,6 +302,8 @@ class AlarmAdmin(_AlarmAdminBase):
         error = str(response.get("error") or "")
         if obj.callback_failures:
             error = f"service_responded failed {obj.callback_failures}× · {error}"
+        if response.get("reason"):  # given up by service_responded (``Fail``)
+            error = f"{error + ' · ' if error else ''}failed: {response['reason']}"
         return f"{status}: {error[:60]}{'…' if len(error) > 60 else ''}" if error else status
 
     @admin.display(description="raw request")

@@ -23,7 +23,75 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         *_check_broker(),
         *_check_driver(),
         *_check_database(),
+        *_check_time_limits(),
     ]
+
+
+def _check_time_limits() -> list[CheckMessage]:
+    """W003: a task whose Celery time limit is longer than DISPATCH_TIMEOUT would be answered as a timeout
+    (and retried, by most ``service_responded``) while it still runs, if a Scheduller with the default
+    ``dispatch_timeout`` delivers it."""
+    from .checking import known_tasks
+    from .registry import classes
+    from .scheduller import Scheduller
+
+    try:
+        served = classes().values()
+    except Exception:
+        return []  # E002–E004 report it
+    if all(cls.dispatch_timeout is not Scheduller.dispatch_timeout for cls in served):
+        return []  # every Scheduller sets its own timeout
+    try:
+        timeout_s = settings.integer("DISPATCH_TIMEOUT") / 1000
+        conf = _celery_conf()
+        names = known_tasks() or set()
+        from . import compat
+
+        app = compat.current_celery_app()
+    except Exception:
+        return []
+    found: list[CheckMessage] = []
+    for name in sorted(names):
+        if name.startswith("celery."):
+            continue
+        task = app.tasks[name]
+        limits = {
+            "time_limit": getattr(task, "time_limit", None) or getattr(conf, "task_time_limit", None),
+            "soft_time_limit": getattr(task, "soft_time_limit", None) or getattr(conf, "task_soft_time_limit", None),
+        }
+        longer = {kind: value for kind, value in limits.items() if value and float(value) > timeout_s}
+        if longer:
+            said = ", ".join(f"{kind}={value:g} s" for kind, value in longer.items())
+            found.append(
+                CheckWarning(
+                    f"Task {name!r} may run longer ({said}) than {PREFIX}DISPATCH_TIMEOUT ({timeout_s:g} s): an "
+                    "alarm delivering it is answered as a timeout while it still runs, and its result ignored.",
+                    hint=f"Raise {PREFIX}DISPATCH_TIMEOUT, or override dispatch_timeout() on the Scheduller that "
+                    "delivers it (ignore this if no Scheduller does).",
+                    id="celery_scheduller.W003",
+                )
+            )
+    return found
+
+
+def errors_at_start() -> list[str]:
+    """The package's checks that are errors, one line each as ``manage.py check`` words them: beat and the
+    workers refuse to start on any of them (``stop_on_errors``)."""
+    found = [*_check_serializers(), *_check_classes(), *_check_values(), *_check_driver(), *_check_database()]
+    return [
+        f"{message.id}: {message.msg}" + (f" HINT: {message.hint}" if message.hint else "")
+        for message in found
+        if message.is_serious()
+    ]
+
+
+def stop_on_errors(process: str) -> None:
+    """Stop ``process`` (beat, a worker) at start with the checks' errors: one line each on stderr, exit
+    status 1, no traceback. Run when beat builds its scheduler and when a worker starts (``worker_init``)."""
+    found = errors_at_start()
+    if found:
+        lines = "\n".join(f"celery_scheduller: {process} not started: {line}" for line in found)
+        raise SystemExit(lines)
 
 
 def _check_database() -> list[CheckMessage]:

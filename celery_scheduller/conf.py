@@ -105,9 +105,10 @@ SPECS: tuple[Spec, ...] = (
         "ERROR_BACKOFF",
         10_000,
         "ms",
-        "After ``service_responded`` raised, returned something else than OK or a valid Retry, or overran "
-        "CALLBACK_BUDGET, the alarm is tried again this much later, doubled for each further failure in a row "
-        "up to ERROR_BACKOFF_MAX, less a random part of up to a half.",
+        "After ``service_responded`` raised, returned something else than OK, a valid Retry or Fail, or overran "
+        "CALLBACK_BUDGET, it is called again with the same response this much later (the task does not run "
+        "again), doubled for each further failure in a row up to ERROR_BACKOFF_MAX, less a random part of up to "
+        "a half.",
     ),
     Spec("ERROR_BACKOFF_MAX", 600_000, "ms", "The longest error back-off."),
     Spec(
@@ -139,6 +140,14 @@ SPECS: tuple[Spec, ...] = (
         "seconds (or a timedelta) keeps them, with their attempt history, that long.",
         minimum=0,
         none_allowed=True,
+    ),
+    Spec(
+        "DISPATCH_TIMEOUT",
+        5_000,
+        "ms",
+        "How long a published attempt's response is awaited (the seed's 5 s), for every Scheduller that does not "
+        "override ``dispatch_timeout()``. An attempt still running past it is answered as a ``timeout``; its "
+        "late result is ignored (system check W003 names tasks whose time limit is longer).",
     ),
     Spec(
         "PRUNE_BATCH",

@@ -407,6 +407,8 @@ class AlarmEngine:
             return False
         leased = self.store.lease_timeouts(names, now, lease_until, limit)
         for ref, message in leased:
-            self.callbacks.submit(ref, message, Response("timeout"), now)
+            # an attempt whose service_responded failed is decided again with the response it kept; any
+            # other is a timeout
+            self.callbacks.submit(ref, message, message.response or Response("timeout"), now)
         self.timeouts += len(leased)
         return len(leased) == limit

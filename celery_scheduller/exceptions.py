@@ -23,7 +23,7 @@ class UnknownScheduller(ConfigurationError):
 
 
 class InvalidResponse(SchedullerError):
-    """``service_responded`` returned something other than ``OK`` or a ``Retry``."""
+    """``service_responded`` returned something other than ``OK``, a valid ``Retry`` or a ``Fail``."""
 
 
 class ClaimConflict(SchedullerError):

@@ -173,8 +173,16 @@ def _stop_writer(**_: Any) -> None:
         logger.error("the response writer did not store every response before the process exited")
 
 
+def _check_at_start(**_: Any) -> None:
+    """A worker with a configuration error stops before it consumes, with the check's message."""
+    from .checks import stop_on_errors
+
+    stop_on_errors("worker")
+
+
 def connect() -> None:
     """Connect the hooks to Celery's signals (idempotent)."""
+    signals.worker_init.connect(_check_at_start, weak=False, dispatch_uid="celery_scheduller.check_at_start")
     signals.worker_init.connect(prefetch.install, weak=False, dispatch_uid="celery_scheduller.prompt_prefetch")
     signals.worker_process_shutdown.connect(
         _stop_writer, weak=False, dispatch_uid="celery_scheduller.stop_writer_child"

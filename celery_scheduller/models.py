@@ -45,11 +45,12 @@ class Alarm(models.Model):
     #: When a response for the published attempt stops being awaited.
     deadline = models.DateTimeField(null=True, blank=True)
     last_response = models.JSONField(null=True, blank=True)
-    #: ``service_responded`` failures in a row (raised, returned garbage, overran its budget); at
-    #: CALLBACK_MAX_FAILURES the alarm is failed. Any valid answer sets it back to 0.
+    #: ``service_responded`` failures in a row for the current attempt (raised, returned garbage, overran its
+    #: budget): each one decides the attempt's response again after a back-off; at CALLBACK_MAX_FAILURES the
+    #: alarm is failed. A ``Retry`` sets it back to 0; an alarm that ends keeps it, as a record.
     callback_failures = models.PositiveIntegerField(default=0, db_default=0)
-    #: The alarm was retried after an error, a timeout or a failed ``service_responded``: the admin's
-    #: "failing" view. Set by every retry, so it describes the latest answer.
+    #: The alarm was retried after an error or a timeout, or its ``service_responded`` failed and waits to be
+    #: called again: the admin's "failing" view. Set by every retry, so it describes the latest answer.
     failing = models.BooleanField(default=False, db_default=False)
     #: When the alarm ended (finished, failed or cancelled); kept rows are pruned after KEEP_FINISHED.
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -12,18 +12,22 @@ from collections.abc import Iterator, Sequence
 from . import db, registry, signals, store
 from .conf import settings
 from .message import Message, Response, describe
-from .scheduller import Retry, due_time, validate_decision
+from .scheduller import Fail, Retry, due_time, validate_decision
 from .wire import AttemptRef
 
 logger = logging.getLogger("celery_scheduller")
+
+#: The actions of stored decisions, each also the ``action`` of its log line (``_logged``).
+DECIDED_ACTIONS = ("finished", "retried", "error_backoff", "failed")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Decided:
     """What ``service_responded`` decided for one attempt, not yet stored (``decide`` → ``store_decided``).
 
-    ``again`` is the next attempt's Message for a retry or an error back-off, None to finish (or, with
-    ``action == "failed"``, to fail the alarm with ``note`` as its reason).
+    ``again`` is the next attempt's Message for a retry, None to finish (or, with ``action == "failed"``, to
+    fail the alarm with ``note`` as its reason; with ``action == "error_backoff"``, to decide the same response
+    again at ``due``: ``service_responded`` failed).
     """
 
     ref: AttemptRef
@@ -36,6 +40,9 @@ class Decided:
     note: str = ""
     #: ``service_responded`` failures in a row, this one included (0 after a valid answer)
     failures: int = 0
+    #: a ``failed`` decision that keeps the attempt's response as the last one (``Fail``), rather than
+    #: recording ``note`` as an error in its place
+    keep_response: bool = False
 
     @property
     def response(self) -> Response:
@@ -56,7 +63,7 @@ def respond(ref: AttemptRef, message: Message, response: Response, now: dt.datet
 def decide(ref: AttemptRef, message: Message, response: Response, now: dt.datetime) -> Decided:
     """Call the owner's ``service_responded`` for attempt ``ref``; store nothing."""
     answered = message.with_response(response)
-    if response.status == "timeout":
+    if response.status == "timeout" and not ref.callback_failures:  # not again when it is decided again
         signals.send(signals.alarm_timed_out, ref.scheduller, message=answered, attempt=ref.attempt)
     try:
         scheduller = registry.get(ref.scheduller)
@@ -69,7 +76,9 @@ def decide(ref: AttemptRef, message: Message, response: Response, now: dt.dateti
             extra={**_log_extra(ref, answered), "action": "callback_error"},
         )
         return callback_failed(ref, answered, now, describe(exc))
-    if not isinstance(decision, Retry) or due is None:  # validate_decision let only OK through besides Retry
+    if isinstance(decision, Fail):  # given up: ends failed with the reason, the task's response kept
+        return Decided(ref, answered, now, "failed", note=decision.reason, keep_response=True)
+    if not isinstance(decision, Retry) or due is None:  # validate_decision let only OK through besides these
         return Decided(ref, answered, now, "finished")
     again = (decision.message or message).with_response(None).assign("dispatch_at", due)
     return Decided(
@@ -78,26 +87,26 @@ def decide(ref: AttemptRef, message: Message, response: Response, now: dt.dateti
 
 
 def callback_failed(ref: AttemptRef, answered: Message, now: dt.datetime, reason: str) -> Decided:
-    """The decision for an attempt whose ``service_responded`` failed (``reason``): try again after a
-    back-off growing with each failure in a row, or fail the alarm at CALLBACK_MAX_FAILURES."""
+    """The decision for an attempt whose ``service_responded`` failed (``reason``): call it again with the same
+    response after a back-off growing with each failure in a row (the task does not run again), or fail the
+    alarm at CALLBACK_MAX_FAILURES."""
     failures = ref.callback_failures + 1
-    message = answered.with_response(None)
+    message = answered
     if failures >= settings.integer("CALLBACK_MAX_FAILURES"):
         note = f"service_responded failed {failures} times in a row; last: {reason}"
-        return Decided(ref, answered, now, "failed", note=note, failures=failures)
+        return Decided(ref, answered, now, "failed", note=note, failures=failures, keep_response=True)
     backoff = backoff_ms(failures)
     due = now + dt.timedelta(milliseconds=backoff)
     logger.warning(
-        "alarm %s: service_responded failed (%s in a row); trying again in %s ms: %s",
+        "alarm %s: service_responded failed (%s in a row); deciding the same response again in %s ms: %s",
         message.id,
         failures,
         backoff,
         reason,
         extra={**_log_extra(ref, answered), "action": "error_backoff"},
     )
-    again = message.assign("dispatch_at", due)
-    note = f"error back-off ({failures}): {reason}"
-    return Decided(ref, answered, now, "error_backoff", again, due, _timeout_or_default(ref, again), note, failures)
+    note = f"service_responded failed ({failures}): {reason}"
+    return Decided(ref, answered, now, "error_backoff", None, due, 0, note, failures)
 
 
 def backoff_ms(failures: int) -> int:
@@ -112,7 +121,10 @@ def store_decided(decided: Decided) -> str:
     """Store one decision if its attempt is still current, then signal and log it; returns the action."""
     ref, response = decided.ref, decided.response
     if decided.action == "failed":
-        applied = store.fail(ref, decided.note, decided.now)
+        applied = store.fail(ref, decided.note, decided.now, response if decided.keep_response else None)
+    elif decided.action == "error_backoff":
+        assert decided.due is not None
+        applied = store.redecide(ref, response, decided.due, decided.failures, decided.note, decided.now)
     elif decided.again is None:
         applied = store.finish(ref, response, decided.now, settings.keeps_history())
     else:
@@ -139,7 +151,7 @@ def store_many(decisions: Sequence[Decided]) -> list[str]:
     for index, decided in enumerate(decisions):
         first.setdefault(decided.ref.pk, index)
     finishing, retrying = [], []
-    batchable = [d.action != "failed" and first[d.ref.pk] == i for i, d in enumerate(decisions)]
+    batchable = [d.action not in ("failed", "error_backoff") and first[d.ref.pk] == i for i, d in enumerate(decisions)]
     if store.finishes_in_one_statement(settings.keeps_history()):
         finishing = [i for i, d in enumerate(decisions) if d.again is None and batchable[i]]
     if store.retries_in_one_statement():
@@ -229,6 +241,8 @@ def _stored(decided: Decided, applied: bool) -> str:
             signals.send(
                 signals.alarm_failed, ref.scheduller, message=answered, attempt=ref.attempt, reason=decided.note
             )
+        elif decided.action == "error_backoff":
+            pass  # decided again later: neither finished nor a new attempt
         elif decided.again is None:
             signals.send(signals.alarm_finished, ref.scheduller, message=answered, attempt=ref.attempt)
         else:

@@ -65,6 +65,9 @@ class AlarmSide:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _ensure_django()
+        from .checks import stop_on_errors
+
+        stop_on_errors("beat")  # a configuration error stops beat here, with the check's message
         # Named apart from celery.beat.Scheduler's own attributes (``_heap`` among them).
         from .clock import DatabaseClock
         from .engine import AlarmEngine

@@ -26,12 +26,13 @@ from .message import Message, refuse_nul
 
 
 @final
-class _Ok:
-    """The type of ``OK``."""
+class OkAnswer:
+    """The type of the one value ``OK``: what ``service_responded`` returns when the alarm is done. It ends
+    ``finished`` (kept as history for ``KEEP_FINISHED``, else removed at once). Compare with ``is OK``."""
 
-    _instance: ClassVar[_Ok | None] = None
+    _instance: ClassVar[OkAnswer | None] = None
 
-    def __new__(cls) -> _Ok:
+    def __new__(cls) -> OkAnswer:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -41,7 +42,7 @@ class _Ok:
 
 
 #: ``service_responded`` returns this when the alarm is done: it is removed from the schedule.
-OK: Final = _Ok()
+OK: Final = OkAnswer()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -58,10 +59,24 @@ class Retry:
             raise InvalidAlarm(f"Retry.message must be a Message, got {type(self.message).__name__}")
 
 
-Decision = _Ok | Retry
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fail:
+    """``service_responded``'s answer to give up: the alarm ends ``failed`` with ``reason``, its last response
+    kept. It shows in the admin's failed view and ``scheduller_status``, ``alarm_failed`` is sent, and it can be
+    restarted like any failed alarm; kept whatever ``KEEP_FINISHED`` says."""
+
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str) or not self.reason.strip():
+            raise InvalidAlarm(f"Fail.reason must be a non-empty string, got {self.reason!r}")
+        refuse_nul(self.reason, "Fail.reason")
+
+
+#: What ``service_responded`` may return: ``OK``, a ``Retry`` or a ``Fail``.
+Decision = OkAnswer | Retry | Fail
 
 _DEFAULT_INTERVAL_MS = 60_000
-_DEFAULT_TIMEOUT_MS = 5_000
 #: the longest dispatch_timeout: what the timeout_ms column holds on PostgreSQL and MariaDB (2**31 - 1)
 MAX_TIMEOUT_MS: Final = 2_147_483_647
 # dispatch_many checks and stores alarms this many at a time (on PostgreSQL one stored while the next is checked)
@@ -104,12 +119,18 @@ def _now() -> dt.datetime:
 class Scheduller:
     """Subclass this, list it in ``CELERY_SCHEDULLER_CLASSES`` and implement ``service_responded``.
 
+    Every method that reads the time takes ``now=`` (an aware datetime, default the current time): tests and
+    replays pass their own.
+
     ``state`` is kept as ``self.state``. Callbacks run on one instance per class and process, built with
     the state the class was first constructed with (``use_state`` replaces it); constructing more
     instances (in views, in threads) does not change what callbacks see.
     """
 
-    #: The name alarms are stored under; default: the dotted path of the class.
+    #: The name alarms are stored under (a column of each alarm row); default: the dotted path of the class.
+    #: Renaming a class (or moving it to another module) without setting ``name`` strands its stored alarms
+    #: under the old name: nobody serves them (``scheduller_status`` lists them as not served). Set ``name``
+    #: once and keep it.
     name: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -134,16 +155,20 @@ class Scheduller:
     # -- the seed's callbacks --------------------------------------------------------------------
 
     def service_responded(self, message: Message) -> Decision:
-        """Called with ``message.response`` set; return ``OK`` or ``Retry(in_ms, message)``."""
+        """Called with ``message.response`` set; return ``OK`` (done), ``Retry(in_ms, message)`` (deliver again)
+        or ``Fail(reason)`` (give up, visibly)."""
         raise NotImplementedError(f"{type(self).__name__} must implement service_responded")
 
     def in_memory_interval(self) -> int:
-        """How often (ms) beat loads alarms; each load covers the next 2 × this."""
+        """How often (ms) beat loads alarms; each load covers the next 2 × this. Default: 60,000 (a minute)."""
         return _DEFAULT_INTERVAL_MS
 
     def dispatch_timeout(self, message: Message) -> int:
-        """How long (ms, counted from publish) a response is waited for before a ``timeout``."""
-        return _DEFAULT_TIMEOUT_MS
+        """How long (ms, counted from publish, or from the due time for an attempt published ahead) a response
+        is waited for before a ``timeout``: the setting ``DISPATCH_TIMEOUT``, 5,000 by default (the seed's)."""
+        from .conf import settings
+
+        return settings.integer("DISPATCH_TIMEOUT")
 
     def save_alarm(self, message: Message, aggregate_id: str) -> None:
         """Persist ``message`` as a pending alarm; ``message.assigns["dispatch_at"]`` says when.
@@ -200,15 +225,45 @@ class Scheduller:
         in_ms: int | None = None,
         now: dt.datetime | None = None,
     ) -> Message:
-        """Schedule ``message`` at ``at`` (aware) or ``in_ms`` from ``now``; return the saved Message.
+        """Schedule ``message`` at ``at`` (aware) or ``in_ms`` from ``now``; return the Message stored under its
+        id: this one (with ``assigns["dispatch_at"]``), or the one already scheduled, which is left unchanged.
+        ``dispatch_or_get`` also says which. Inside ``transaction.atomic()`` the alarm commits or rolls back
+        with the caller's data."""
+        return self.dispatch_or_get(message, aggregate_id, at=at, in_ms=in_ms, now=now)[0]
 
-        An id already stored is left unchanged. Inside ``transaction.atomic()`` the alarm commits or
-        rolls back with the caller's data.
-        """
+    def dispatch_or_get(
+        self,
+        message: Message,
+        aggregate_id: str,
+        *,
+        at: dt.datetime | None = None,
+        in_ms: int | None = None,
+        now: dt.datetime | None = None,
+    ) -> tuple[Message, bool]:
+        """``dispatch``, returning ``(stored message, created)``: ``created`` is False when the id was
+        already on the schedule and this call was ignored (the stored message, with its own time, is returned).
+        A new alarm costs one statement, a duplicate one more to read what is stored."""
+        from . import store
+
         registry.check_served(type(self))
         prepared = self._prepare_encoded(message, aggregate_id, at, in_ms, now or _now())
-        self._save([(prepared, aggregate_id)])
-        return prepared[0]
+        scheduled = prepared[0]
+        if type(self).save_alarm is Scheduller.save_alarm:
+            from .conf import settings
+
+            [new] = self._new_prepared([(prepared, aggregate_id)])
+            if store.insert_one(new, settings.keeps_history()):
+                due = scheduled.assigns["dispatch_at"]
+                self._announce(due, due)
+                return scheduled, True
+            existing = store.stored(scheduled.id)
+            return (existing, False) if existing is not None else (scheduled, True)
+        self.save_alarm(scheduled, aggregate_id)  # an override: what it stored is read back
+        existing = store.stored(scheduled.id)
+        if existing is None:
+            return scheduled, True
+        created = existing.raw_request == scheduled.raw_request and existing.assigns == scheduled.assigns
+        return existing, created
 
     def dispatch_many(
         self,
@@ -219,7 +274,7 @@ class Scheduller:
         """Schedule many ``(message, aggregate_id, at)`` at once, in one transaction: all, or none when one
         is refused (``InvalidAlarm`` naming it) or saving fails.
 
-        Checked and stored in batches of ``_DISPATCH_BATCH``: on PostgreSQL the database stores one batch
+        Checked and stored in batches of 2,000: on PostgreSQL the database stores one batch
         while the next is checked. With ``save_alarm`` overridden, every alarm is checked before the first
         call of it (an override may do more than write to this database)."""
         registry.check_served(type(self))
@@ -256,12 +311,21 @@ class Scheduller:
             self._insert(batches(), pipelined=len(alarms) > _DISPATCH_BATCH)
         return scheduled
 
+    def pending(self, aggregate_id: str) -> list[Message]:
+        """This Scheduller's alarms of ``aggregate_id`` still on the schedule (pending, or published and not
+        yet answered), soonest first, each as the Message beat delivers (``assigns["dispatch_at"]`` is its
+        time). Another Scheduller's alarms of the same aggregate are not among them."""
+        from . import store
+
+        return [store.message_from_row(row) for row in store.on_schedule(self.scheduller_name(), aggregate_id)]
+
     def cancel(self, message_id: str, *, now: dt.datetime | None = None) -> bool:
         """Take the alarm with this message id off the schedule; True if it was on it."""
         return len(self._cancel(now, message_ids=[message_id])) > 0
 
     def cancel_aggregate(self, aggregate_id: str, *, now: dt.datetime | None = None) -> int:
-        """Take every alarm of ``aggregate_id`` off the schedule; return how many there were."""
+        """Take every alarm of ``aggregate_id`` that belongs to this Scheduller off the schedule (another
+        Scheduller's alarms of the same aggregate stay); return how many there were."""
         return len(self._cancel(now, aggregate_id=aggregate_id))
 
     def reschedule(
@@ -323,6 +387,18 @@ class Scheduller:
     # the same checks, the same database connection, and so the same transaction as the caller's other
     # database work done through ``sync_to_async``.
 
+    async def adispatch_or_get(
+        self,
+        message: Message,
+        aggregate_id: str,
+        *,
+        at: dt.datetime | None = None,
+        in_ms: int | None = None,
+        now: dt.datetime | None = None,
+    ) -> tuple[Message, bool]:
+        """``dispatch_or_get`` for async code."""
+        return await sync_to_async(self.dispatch_or_get)(message, aggregate_id, at=at, in_ms=in_ms, now=now)
+
     async def adispatch(
         self,
         message: Message,
@@ -344,6 +420,10 @@ class Scheduller:
     async def acancel(self, message_id: str, *, now: dt.datetime | None = None) -> bool:
         """``cancel`` for async code."""
         return await sync_to_async(self.cancel)(message_id, now=now)
+
+    async def apending(self, aggregate_id: str) -> list[Message]:
+        """``pending`` for async code."""
+        return await sync_to_async(self.pending)(aggregate_id)
 
     async def acancel_aggregate(self, aggregate_id: str, *, now: dt.datetime | None = None) -> int:
         """``cancel_aggregate`` for async code."""
@@ -438,6 +518,8 @@ def validate_decision(decision: object, message: Message) -> Decision:
 
     if decision is OK:
         return OK
+    if isinstance(decision, Fail):
+        return decision
     if isinstance(decision, Retry):
         if decision.message is not None:
             if decision.message.id != message.id:
@@ -453,7 +535,9 @@ def validate_decision(decision: object, message: Message) -> Decision:
             except InvalidAlarm as exc:
                 raise InvalidResponse(str(exc)) from None
         return decision
-    raise InvalidResponse(f"service_responded returned {decision!r}; expected OK or Retry(in_ms, message)")
+    raise InvalidResponse(
+        f"service_responded returned {decision!r}; expected OK, Retry(in_ms, message) or Fail(reason)"
+    )
 
 
-__all__: Sequence[str] = ["OK", "Retry", "Scheduller", "due_time", "validate_decision"]
+__all__: Sequence[str] = ["OK", "Fail", "Retry", "Scheduller", "due_time", "validate_decision"]

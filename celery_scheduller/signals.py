@@ -7,11 +7,11 @@ breaks beat or the worker.
 - ``alarm_responded(message, attempt)``: a response (``message.response``) was stored for an attempt.
 - ``alarm_timed_out(message, attempt)``: no response within ``dispatch_timeout``; sent before
   ``alarm_responded`` for the same timeout.
-- ``alarm_retried(message, attempt, dispatch_at)``: ``Retry`` (or an error back-off) stored the next attempt.
+- ``alarm_retried(message, attempt, dispatch_at)``: ``Retry`` stored the next attempt.
 - ``alarm_finished(message, attempt)``: ``OK``: the alarm ended.
-- ``alarm_failed(message, attempt, reason)``: the alarm ended ``failed``: its stored message cannot be read
-  or published, its answer cannot be stored, or ``service_responded`` failed CALLBACK_MAX_FAILURES times
-  in a row. ``message`` is None where the stored message could not be read.
+- ``alarm_failed(message, attempt, reason)``: the alarm ended ``failed``: ``service_responded`` answered
+  ``Fail(reason)``, or failed CALLBACK_MAX_FAILURES times in a row, or the stored message cannot be read or
+  published, or its answer cannot be stored. ``message`` is None where the stored message could not be read.
 - ``alarm_cancelled(message_ids)``: alarms were cancelled.
 """
 

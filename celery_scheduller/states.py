@@ -6,6 +6,8 @@
        ^                  |  \\--Retry / error back-off--> pending (next attempt, later)
        |                  \\--publish failed (release)--> pending
        |               published --deadline passed--> timeout, answered like a response
+       |               published --service_responded failed--> published (the response kept; decided
+       |                                                        again after a back-off, the task not run)
        |               pending --task unknown at publish--> failed
        \\---- dispatch / reschedule / restart (of an ended alarm)
     pending, published --cancel--> cancelled (or removed, without KEEP_FINISHED)
@@ -42,6 +44,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "finish": (PUBLISHED,),
     "retry": (PUBLISHED,),
     "lease_timeout": (PUBLISHED,),
+    "redecide": (PUBLISHED,),
     "fail": (PUBLISHED,),
     "cancel": ACTIVE,
     "reschedule": (PENDING,),
@@ -56,6 +59,7 @@ TARGETS: dict[str, str | None] = {
     "finish": FINISHED,
     "retry": PENDING,
     "lease_timeout": PUBLISHED,
+    "redecide": PUBLISHED,
     "fail": FAILED,
     "cancel": CANCELLED,
     "reschedule": PENDING,

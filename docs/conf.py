@@ -24,7 +24,7 @@ extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 myst_enable_extensions = ["colon_fence"]
 myst_heading_anchors = 3
 source_suffix = {".md": "markdown"}
-exclude_patterns = ["_build", "quickstart", "admin_screenshot.py"]
+exclude_patterns = ["_build", "quickstart", "admin_screenshot.py", "generate.py", "deploy"]
 html_theme = "furo"
 html_static_path = ["_static"]
 html_title = "celery_scheduller"
@@ -34,43 +34,12 @@ suppress_warnings = ["myst.xref_missing"]
 
 
 def _generate(app: object) -> None:
-    """The pages drawn from the code, so they cannot drift: every setting from ``conf.SPECS`` and the
-    state machine from ``states.TRANSITIONS`` and ``store.transitions``."""
-    from celery_scheduller.conf import PREFIX, SPECS
-    from celery_scheduller.states import TRANSITIONS
+    """The pages drawn from the code, so they cannot drift: the settings, the state machine and the log
+    actions, written into the pages themselves (``docs/generate.py``), and the pictures."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    import generate
 
-    rows = ["| setting | default | unit | what it does |", "|---|---|---|---|"]
-    for spec in SPECS:
-        bounds = f" ({spec.minimum:,}–{spec.maximum:,})" if spec.maximum is not None else ""
-        default = f"`{spec.default!r}`"
-        rows.append(f"| `{PREFIX}{spec.name}` | {default} | {spec.unit or '–'}{bounds} | {spec.doc} |")
-    generated = ROOT / "docs" / "reference" / "_settings_table.md"
-    generated.write_text("\n".join(rows) + "\n")
-    from celery_scheduller.store import transitions
-
-    def shown(value: object) -> str:
-        if isinstance(value, transitions.Given):
-            return "given"
-        if isinstance(value, transitions.Fixed):
-            return "NULL" if value.value is None else repr(value.value)
-        if isinstance(value, transitions.Now):
-            return "now"
-        if isinstance(value, transitions.NextAttempt):
-            return "attempt + 1"
-        return "max(now, dispatch_at) + timeout_ms"
-
-    lines = ["| transition | starts from | ends in | guard besides the state | writes |", "|---|---|---|---|---|"]
-    for name, starts in TRANSITIONS.items():
-        t = transitions.ALL[name]
-        end = f"`{t.target}`" if t.target else "removed"
-        if t.removes_without_history:
-            end += " (removed without history)"
-        guard = ", ".join([*(f"`{column}`" for column in t.guard), *([t.takes] if t.takes else [])]) or "–"
-        writes = ", ".join(f"`{column}` = {shown(value)}" for column, value in t.effect) or "–"
-        if t.records_attempt:
-            writes += "; the attempt's history row"
-        lines.append(f"| `{name}` | {', '.join(f'`{s}`' for s in starts)} | {end} | {guard} | {writes} |")
-    (ROOT / "docs" / "explanation" / "_transitions_table.md").write_text("\n".join(lines) + "\n")
+    generate.main(check=False)
     _state_diagram(ROOT / "docs" / "_static" / "states.png")
     from bench.plot import draw
 
@@ -102,14 +71,17 @@ def _state_diagram(out: Path) -> None:
         for start in starts:
             (x0, y0), (x1, y1) = where[start], where[end]
             arrow = {"arrowstyle": "-|>", "shrinkA": 24, "shrinkB": 24, "color": "#4a5568", "lw": 1}
-            if start == end:  # a loop above the node
+            if start == end:  # a loop above the node; a second one above the first
+                k = seen.get(frozenset((start,)), 0)
+                seen[frozenset((start,))] = k + 1
+                lift = 0.3 + 1.2 * k
                 ax.annotate(
                     "",
-                    xy=(x0 + 0.5, y0 + 0.3),
-                    xytext=(x0 - 0.5, y0 + 0.3),
+                    xy=(x0 + 0.5, y0 + lift),
+                    xytext=(x0 - 0.5, y0 + lift),
                     arrowprops={**arrow, "shrinkA": 0, "shrinkB": 0, "connectionstyle": "arc3,rad=-1.6"},
                 )
-                lx, ly = x0, y0 + 1.25
+                lx, ly = x0, y0 + lift + 0.95
             else:
                 pair = frozenset((start, end))
                 n = seen.get(pair, 0)

@@ -154,3 +154,6 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"celery_scheduller": {"handlers": ["console"], "level": os.environ.get("CSCHED_LOG", "WARNING")}},
 }
+# the start-up tests: a configuration error given to a beat or worker subprocess
+if os.environ.get("CSCHED_BATCH_SIZE"):
+    CELERY_SCHEDULLER_BATCH_SIZE = int(os.environ["CSCHED_BATCH_SIZE"])

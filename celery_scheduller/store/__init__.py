@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from ..exceptions import ClaimConflict
-from ..message import Message
+from ..message import Message, Response
 from ..wire import AttemptRef
 from .database import DatabaseStore
 from .rows import BEGINNING, ROW_FIELDS, NewAlarm, NewAttempt, message_from_row
@@ -61,11 +61,15 @@ class Store(Protocol):
 
     def release(self, refs: Iterable[AttemptRef], now: dt.datetime) -> int: ...
 
-    def fail(self, ref: AttemptRef, reason: str, now: dt.datetime) -> bool: ...
+    def fail(self, ref: AttemptRef, reason: str, now: dt.datetime, response: Response | None = None) -> bool: ...
 
     def lease_timeouts(
         self, schedullers: Sequence[str], now: dt.datetime, lease_until: dt.datetime, limit: int
     ) -> list[tuple[AttemptRef, Message]]: ...
+
+    def redecide(
+        self, ref: AttemptRef, response: Response, deadline: dt.datetime, failures: int, note: str, now: dt.datetime
+    ) -> bool: ...
 
     def record_beat(
         self,
@@ -88,8 +92,11 @@ class Store(Protocol):
 default = DatabaseStore()
 
 insert = default.insert
+insert_one = default.insert_one
+stored = default.stored
 pending_between = default.pending_between
 due_times_between = default.due_times_between
+on_schedule = default.on_schedule
 count_in_flight = default.count_in_flight
 claim_due = default.claim_due
 claim_due_within = default.claim_due_within
@@ -103,6 +110,7 @@ finish = default.finish
 finishes_in_one_statement = default.finishes_in_one_statement
 finish_many = default.finish_many
 fail = default.fail
+redecide = default.redecide
 retry = default.retry
 retries_in_one_statement = default.retries_in_one_statement
 retry_many = default.retry_many

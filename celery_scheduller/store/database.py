@@ -23,6 +23,21 @@ def _on_postgresql() -> bool:
     return db.vendor() == "postgresql"
 
 
+def _kept_responses(pks: list[int]) -> dict[int, Response]:
+    """The responses kept by attempts whose ``service_responded`` failed (``REDECIDE``), by pk."""
+    if not pks:
+        return {}
+    found = {}
+    for pk, stored in Alarm.objects.filter(pk__in=pks).values_list("pk", "last_response"):
+        if not isinstance(stored, dict):
+            continue
+        try:
+            found[pk] = Response.from_json(stored)
+        except (KeyError, TypeError, ValueError):
+            continue  # not one this package wrote: answered as a timeout
+    return found
+
+
 def _pending(scheduller: str, load_from: dt.datetime | None, load_until: dt.datetime) -> QuerySet[Alarm]:
     """The Scheduller's pending alarms due in ``(load_from, load_until]``."""
     query = Alarm.objects.filter(scheduller=scheduller, state=states.PENDING, dispatch_at__lte=load_until)
@@ -61,6 +76,20 @@ class DatabaseStore:
             else:
                 orm.insert(batch)
 
+    def insert_one(self, new: NewAlarm, keep_history: bool) -> bool:
+        """Store one new pending alarm unless its id is on the schedule (with history kept, an ended alarm of
+        the id is replaced); True when it was stored, False when the id was there already."""
+        if keep_history:
+            orm.remove_ended([new.message.id])
+        if _on_postgresql():
+            return postgres.insert_one(new)
+        return orm.insert_one(new)
+
+    def stored(self, message_id: str) -> Message | None:
+        """The Message stored under ``message_id``, whichever Scheduller owns it; None when there is none."""
+        row = Alarm.objects.filter(message_id=message_id).values(*ROW_FIELDS).first()
+        return None if row is None else message_from_row(row)
+
     # -- beat -----------------------------------------------------------------------------------------------
 
     def pending_between(
@@ -70,6 +99,11 @@ class DatabaseStore:
         query = _pending(scheduller, load_from, load_until)
         rows: Iterable[dict[str, Any]] = query.order_by("dispatch_at").values(*ROW_FIELDS).iterator(chunk_size=5_000)
         return rows
+
+    def on_schedule(self, scheduller: str, aggregate_id: str) -> list[dict[str, Any]]:
+        """The Scheduller's alarms of ``aggregate_id`` that are pending or published, soonest first."""
+        query = Alarm.objects.filter(scheduller=scheduller, aggregate_id=aggregate_id, state__in=states.ACTIVE)
+        return list(query.order_by("dispatch_at", "pk").values(*ROW_FIELDS))
 
     def due_times_between(
         self, scheduller: str, load_from: dt.datetime | None, load_until: dt.datetime
@@ -130,9 +164,27 @@ class DatabaseStore:
         ``lease_until``; if it dies first, another takes the attempt over. A late worker response no longer
         matches the deadline and is ignored."""
         rows = orm.lease_timeouts(schedullers, now, lease_until, limit)
+        kept = _kept_responses([row["pk"] for row in rows if row["callback_failures"]])
         return [
-            (dataclasses.replace(AttemptRef.of_row(row), deadline=lease_until), message_from_row(row)) for row in rows
+            (
+                dataclasses.replace(AttemptRef.of_row(row), deadline=lease_until),
+                message_from_row(row).with_response(kept.get(row["pk"])),
+            )
+            for row in rows
         ]
+
+    def redecide(
+        self, ref: AttemptRef, response: Response, deadline: dt.datetime, failures: int, note: str, now: dt.datetime
+    ) -> bool:
+        """``transitions.REDECIDE``: ``service_responded`` failed for attempt ``ref`` (``failures`` times in a
+        row): the attempt keeps ``response`` and is decided again once ``deadline`` passes (beat leases it as it
+        does a timeout, and passes the response kept); the task is not run again."""
+        stored = response.to_json()
+        answered = Answered.of(ref, stored, now, note)
+        values = {"deadline": deadline, "last_response": compact_json(stored), "callback_failures": failures}
+        if _on_postgresql():
+            return postgres.REDECIDE.run(ref, {**values, "now": now}, answered)
+        return orm.update(t.REDECIDE, ref, values, now, answered)
 
     def record_beat(
         self,
@@ -189,15 +241,26 @@ class DatabaseStore:
         """``finish`` without history for many attempts in one statement; the pks of the alarms that ended."""
         return postgres.FINISH_REMOVED_MANY.run(refs)
 
-    def fail(self, ref: AttemptRef, reason: str, now: dt.datetime) -> bool:
+    def fail(self, ref: AttemptRef, reason: str, now: dt.datetime, response: Response | None = None) -> bool:
         """``transitions.FAIL``: a published attempt that cannot be delivered, with ``reason`` as its response;
-        kept whatever KEEP_FINISHED says, so an operator sees it."""
+        or, given the attempt's ``response`` (a ``Fail`` answer), that response with the decision
+        ``failed: <reason>``. Kept whatever KEEP_FINISHED says, so an operator sees it."""
+        if response is not None:
+            return self._answer(t.FAIL, ref, response, now, f"failed: {reason}", reason)
         return self._answer(t.FAIL, ref, Response("error", error=reason), now, "failed")
 
     def _answer(
-        self, transition: t.Transition, ref: AttemptRef, response: Response, now: dt.datetime, decision: str
+        self,
+        transition: t.Transition,
+        ref: AttemptRef,
+        response: Response,
+        now: dt.datetime,
+        decision: str,
+        reason: str | None = None,
     ) -> bool:
         stored = response.to_json()  # made safe once, stored twice
+        if reason is not None:  # ``Fail(reason)``: the reason beside the response that led to it
+            stored = {**stored, "reason": reason}
         answered = Answered.of(ref, stored, now, decision)
         values = {"last_response": compact_json(stored), "now": now}
         if _on_postgresql():

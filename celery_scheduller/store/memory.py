@@ -149,9 +149,11 @@ class MemoryStore:
     def release(self, refs: Iterable[AttemptRef], now: dt.datetime) -> int:
         return sum(self._answer(t.RELEASE, ref, {}, now, remove=False) for ref in refs)
 
-    def fail(self, ref: AttemptRef, reason: str, now: dt.datetime) -> bool:
-        response = json.dumps(Response("error", error=reason).to_json())
-        return self._answer(t.FAIL, ref, {"last_response": response}, now, remove=False)
+    def fail(self, ref: AttemptRef, reason: str, now: dt.datetime, response: Response | None = None) -> bool:
+        stored = (
+            Response("error", error=reason).to_json() if response is None else {**response.to_json(), "reason": reason}
+        )
+        return self._answer(t.FAIL, ref, {"last_response": json.dumps(stored)}, now, remove=False)
 
     def finish(self, ref: AttemptRef, response: Response, now: dt.datetime, keep_history: bool = False) -> bool:
         values = {"last_response": json.dumps(response.to_json())}
@@ -167,13 +169,25 @@ class MemoryStore:
             and row["scheduller"] in schedullers
             and (row["deadline"] is None or row["deadline"] <= now)
         ][:limit]
+        kept = {}
         for row in overdue:
             self._apply(t.LEASE_TIMEOUT, row, {"lease_until": lease_until}, now)
+            if row["callback_failures"] and row.get("last_response"):
+                kept[row["pk"]] = Response.from_json(json.loads(row["last_response"]))
         overdue = decoded([tuple(row[field] for field in ROW_FIELDS) for row in overdue])
         return [
-            (dataclasses.replace(AttemptRef.of_row(row), deadline=lease_until), message_from_row(row))
+            (
+                dataclasses.replace(AttemptRef.of_row(row), deadline=lease_until),
+                message_from_row(row).with_response(kept.get(row["pk"])),
+            )
             for row in overdue
         ]
+
+    def redecide(
+        self, ref: AttemptRef, response: Response, deadline: dt.datetime, failures: int, note: str, now: dt.datetime
+    ) -> bool:
+        values = {"deadline": deadline, "last_response": json.dumps(response.to_json()), "callback_failures": failures}
+        return self._answer(t.REDECIDE, ref, values, now, remove=False)
 
     def record_beat(
         self,

@@ -76,7 +76,7 @@ def update(
 def remove(transition: t.Transition, ref: AttemptRef) -> bool:
     """``transition``'s removing form (history not kept): the row goes, and its attempt history with it."""
     deleted = compat.raw_delete(guarded(transition, ref))  # one DELETE: no collector, no transaction of its own
-    if deleted and ref.attempt > 1:
+    if deleted and (ref.attempt > 1 or ref.callback_failures > 0):  # history rows exist
         AlarmAttempt.objects.filter(message_id=ref.message_id).delete()
     return deleted > 0
 
@@ -90,6 +90,25 @@ def insert(batch: Sequence[NewAlarm]) -> None:
                 values[column] = json.loads(values[column])
         rows.append(Alarm(**values, state=t.INSERTED_STATE))
     Alarm.objects.bulk_create(rows, ignore_conflicts=True)
+
+
+def insert_one(new: NewAlarm) -> bool:
+    """Insert one alarm unless its id is stored (in a savepoint: the caller's transaction goes on); True
+    when it was inserted."""
+    from django.db import IntegrityError
+
+    values = dict(zip((column for column, _ in t.INSERT_COLUMNS), new.values(), strict=True))
+    for column, sql_type in t.INSERT_COLUMNS:
+        if sql_type == "jsonb":
+            values[column] = json.loads(values[column])
+    try:
+        with db.atomic():
+            Alarm.objects.create(**values, state=t.INSERTED_STATE)
+    except IntegrityError:
+        if not Alarm.objects.filter(message_id=new.message.id).exists():
+            raise  # another constraint: not a duplicate id
+        return False
+    return True
 
 
 def claim(

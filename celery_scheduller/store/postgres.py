@@ -177,9 +177,9 @@ class GuardedMany:
         if remove:
             self.sql = (
                 f"WITH gone AS (DELETE FROM {ALARM} a USING unnest({unnest}) AS r({names}) WHERE {join} "
-                "RETURNING a.id, a.message_id, a.attempt), "
+                "RETURNING a.id, a.message_id, a.attempt, a.callback_failures), "
                 f"history AS (DELETE FROM {ATTEMPT} "
-                "WHERE message_id IN (SELECT message_id FROM gone WHERE attempt > 1)) "
+                "WHERE message_id IN (SELECT message_id FROM gone WHERE attempt > 1 OR callback_failures > 0)) "
                 "SELECT id FROM gone"
             )
             return
@@ -244,6 +244,7 @@ RETRY = GuardedUpdate(t.RETRY)
 #: a retry that answers no response (nothing to record)
 RETRY_UNANSWERED = GuardedUpdate(t.RETRY, record=False)
 RETRY_MANY = GuardedMany(t.RETRY)
+REDECIDE = GuardedUpdate(t.REDECIDE)
 FINISH_REMOVED_MANY = GuardedMany(t.FINISH, remove=True)
 
 
@@ -356,6 +357,8 @@ INSERT_ONE = (
     + ", ".join("%s::jsonb" if sql_type == "jsonb" else "%s" for _, sql_type in t.INSERT_COLUMNS)
     + ", 0, now(), now()) ON CONFLICT (message_id) DO NOTHING"
 )
+#: one row, answering whether it was inserted (``dispatch``): a row comes back only for a new alarm
+INSERT_ONE_RETURNING = INSERT_ONE + " RETURNING id"
 #: a batch: one ``INSERT … SELECT FROM unnest(…)``, column arrays bound on the server in binary (``%b``)
 INSERT_MANY = (
     _INSERT_HEAD
@@ -376,6 +379,13 @@ def insert_params(batch: Sequence[NewAlarm]) -> list[Any]:
 
 def insert(batch: Sequence[NewAlarm], cursor: Any) -> None:
     cursor.execute(INSERT_ONE if len(batch) == 1 else INSERT_MANY, insert_params(batch))
+
+
+def insert_one(new: NewAlarm) -> bool:
+    """Insert one alarm unless its id is stored; True when it was inserted."""
+    with bound_cursor() as cursor:
+        cursor.execute(INSERT_ONE_RETURNING, insert_params([new]))
+        return cursor.fetchone() is not None
 
 
 # -- prune ----------------------------------------------------------------------------------------------------

@@ -131,6 +131,21 @@ LEASE_TIMEOUT = Transition(
     (("deadline", Given("lease_until", "timestamptz")), ("updated_at", NOW)),
     takes="deadline passed (or none), skipping rows another beat has locked",
 )
+#: ``service_responded`` failed (raised, answered garbage, overran its budget): the attempt stays published with
+#: its response, to be decided again when the new deadline (now + the back-off) passes, as beat answers a
+#: timeout; the task does not run again. The history row keeps the task's outcome beside the failure.
+REDECIDE = Transition(
+    "redecide",
+    CURRENT_ATTEMPT,
+    (
+        ("deadline", Given("deadline", "timestamptz")),
+        ("last_response", RESPONSE),
+        ("callback_failures", Given("callback_failures", "int")),
+        ("failing", Fixed(True)),
+        ("updated_at", NOW),
+    ),
+    records_attempt=True,
+)
 CANCEL = Transition(
     "cancel", ("id",), (("deadline", NULL), ("finished_at", NOW), ("updated_at", NOW)), removes_without_history=True
 )
@@ -156,7 +171,8 @@ RESTART = Transition(
 PRUNE = Transition("prune", ("id",), (), takes="ended before KEEP_FINISHED ago, oldest first")
 
 ALL: dict[str, Transition] = {
-    t.name: t for t in (CLAIM, RELEASE, FINISH, FAIL, RETRY, LEASE_TIMEOUT, CANCEL, RESCHEDULE, RESTART, PRUNE)
+    t.name: t
+    for t in (CLAIM, RELEASE, FINISH, FAIL, RETRY, LEASE_TIMEOUT, REDECIDE, CANCEL, RESCHEDULE, RESTART, PRUNE)
 }
 assert set(ALL) == set(states.TRANSITIONS) == set(states.TARGETS), "states and transitions disagree"
 

@@ -5,7 +5,7 @@ import datetime as dt
 from django.db import transaction
 from django.utils import timezone
 
-from celery_scheduller import OK, Message, Retry, Scheduller
+from celery_scheduller import OK, Fail, Message, Retry, Scheduller
 from celery_scheduller.models import Alarm
 
 from .models import Event, Order
@@ -15,19 +15,21 @@ REMIND_AFTER = dt.timedelta(seconds=5)
 
 
 class OrderAlarms(Scheduller):
-    """Expires unpaid orders; retries a failed reminder up to three times, doubling the wait."""
+    """Expires unpaid orders; retries a failed reminder up to three times, doubling the wait, then fails it."""
 
     name = "orders"
 
     def service_responded(self, message: Message):
         response = message.response
         tries = message.assigns.get("tries", 0)
-        if response.ok or tries >= 3:
+        if response.ok:
             return OK
+        if tries >= 3:  # give up visibly: the alarm ends failed, with the reason, in the admin's failed view
+            return Fail(f"{message.service_name} failed {tries + 1} times; last: {response.error or response.status}")
         wait_ms = 1_000 * 2**tries
         order_id = message.raw_request.get("order_id")
         if order_id is None:
-            return OK
+            return Fail("no order_id in the message")
         Event.objects.create(
             order_id=order_id,
             kind="retry scheduled",

@@ -9,8 +9,8 @@ import time
 import pytest
 from django.utils import timezone
 
-from celery_scheduller import Message
-from celery_scheduller.models import Alarm
+from celery_scheduller import Message, states
+from celery_scheduller.models import Alarm, AlarmAttempt
 from tests.conftest import on_schedule, run_beat, wait_for, worker_idle
 from tests.testapp.alarms import TestAlarms
 from tests.testapp.models import Answer, Run
@@ -128,19 +128,31 @@ def test_cancel_and_cancel_aggregate(beat):
     assert list(Run.objects.values_list("message_id", flat=True)) == ["keeper"]
 
 
-def test_service_responded_raising_or_returning_garbage_is_retried_after_backoff(beat):
+def test_a_failing_service_responded_is_called_again_with_the_same_response_and_the_task_runs_once(beat):
+    """service_responded raises, then returns garbage, then an invalid Retry, then OK: it is called four times
+    with the task's one response, after growing back-offs, while the task ran once (a side effect, not four).
+    The history shows the task's outcome (ok) beside each failure of the callback."""
     from tests.testapp.alarms import BrokenAlarms
 
     BrokenAlarms().dispatch(Message.new("testapp.record", id="broken"), "agg", in_ms=0)
     scheduler = beat()
     run_beat(scheduler, lambda: not on_schedule("broken"), 20, "the alarm to end")
-    assert Run.objects.filter(message_id="broken").count() == 4
-    assert list(Answer.objects.filter(message_id="broken").order_by("at").values_list("decision", flat=True)) == [
-        "0",
-        "1",
-        "2",
-        "3",
-    ]
+    assert Run.objects.filter(message_id="broken").count() == 1
+    answers = list(Answer.objects.filter(message_id="broken").order_by("at").values_list("decision", "status"))
+    assert answers == [("0", "ok"), ("1", "ok"), ("2", "ok"), ("3", "ok")]
+    alarm = Alarm.objects.get(message_id="broken")
+    assert (alarm.state, alarm.attempt, alarm.callback_failures) == (states.FINISHED, 1, 3)
+    history = list(
+        AlarmAttempt.objects.filter(message_id="broken")
+        .order_by("responded_at")
+        .values_list("attempt", "status", "decision")
+    )
+    assert [(attempt, status) for attempt, status, _ in history] == [(1, "ok")] * 4
+    decisions = [decision for _, _, decision in history]
+    assert decisions[0].startswith("service_responded failed (1): RuntimeError")
+    assert decisions[1].startswith("service_responded failed (2): InvalidRespons")
+    assert decisions[2].startswith("service_responded failed (3)")
+    assert decisions[3] == "ok"
 
 
 def test_hard_time_limit_becomes_an_error_response(beat):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery_scheduller import OK, Message, Retry, Scheduller
+from celery_scheduller import OK, Fail, Message, Retry, Scheduller
 from celery_scheduller.message import to_json_value
 
 from .models import Answer
 
 
 class TestAlarms(Scheduller):
-    """Retries while ``assigns["retries_left"]`` > 0 (``assigns["retry_ms"]`` later), then says OK.
+    """Retries while ``assigns["retries_left"]`` > 0 (``assigns["retry_ms"]`` later), then says OK, or
+    ``Fail(assigns["fail_reason"])`` when one is given.
 
     On a retry the message's ``raw_request`` gains ``try`` (the try number), so tests see the
     modified message arrive at the task.
@@ -39,13 +40,15 @@ class TestAlarms(Scheduller):
                 },
             )
             decision = Retry(message.assigns.get("retry_ms", 100), modified)
+        elif message.assigns.get("fail_reason"):  # the last try: give up visibly
+            decision = Fail(message.assigns["fail_reason"])
         Answer.objects.create(
             message_id=message.id,
             status=response.status,
             value=to_json_value(response.value) if response.ok else None,
             error=response.error,
             assigns=to_json_value(message.assigns),
-            decision="ok" if decision is OK else f"retry {decision.in_ms}",
+            decision="ok" if decision is OK else "fail" if isinstance(decision, Fail) else f"retry {decision.in_ms}",
         )
         return decision
 

@@ -9,6 +9,23 @@ class TestAppConfig(AppConfig):
     def ready(self) -> None:
         import os
 
+        from celery_scheduller import signals as alarm_signals
+
+        def record_failed(sender: str, message: object, attempt: int, reason: str, **kwargs: object) -> None:
+            """``alarm_failed`` where it is sent (a worker's writer, beat): a row the tests read."""
+            from django.utils import timezone
+
+            from .models import Run
+
+            Run.objects.create(
+                task="alarm_failed",
+                message_id=getattr(message, "id", "") or "",
+                kwargs={"sender": sender, "attempt": attempt, "reason": reason},
+                started_at=timezone.now(),
+            )
+
+        alarm_signals.alarm_failed.connect(record_failed, weak=False, dispatch_uid="testapp.record_failed")
+
         if os.environ.get("CSCHED_RECORD_PUBLISHES"):
             from celery_scheduller import signals
 

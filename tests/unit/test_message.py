@@ -125,7 +125,7 @@ def test_validate_decision_accepts_ok_and_retry_of_the_same_message_only():
     message = Message.new("t", id="x")
     assert validate_decision(OK, message) is OK
     assert validate_decision(Retry(5, message.assign("n", 1)), message).in_ms == 5
-    with pytest.raises(InvalidResponse, match="expected OK or Retry"):
+    with pytest.raises(InvalidResponse, match=r"expected OK, Retry\(in_ms, message\) or Fail"):
         validate_decision("ok", message)
     with pytest.raises(InvalidResponse, match="message id 'y'"):
         validate_decision(Retry(5, Message.new("t", id="y")), message)

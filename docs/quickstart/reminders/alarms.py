@@ -1,4 +1,4 @@
-from celery_scheduller import OK, Message, Retry, Scheduller
+from celery_scheduller import OK, Fail, Message, Retry, Scheduller
 
 
 class ReminderAlarms(Scheduller):
@@ -10,7 +10,7 @@ class ReminderAlarms(Scheduller):
         tries = message.assigns.get("tries", 0)
         if tries < 3:  # an error or a timeout: try again in 1 s, 2 s, 4 s
             return Retry(1_000 * 2**tries, message.assign("tries", tries + 1))
-        return OK  # give up after four attempts; the admin keeps the history
+        return Fail(f"gave up after {tries + 1} attempts")  # failed, with its history, in the admin
 
 
 def remind(email, in_ms):
