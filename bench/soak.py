@@ -28,7 +28,9 @@ import argparse
 import datetime as dt
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -300,7 +302,17 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["BENCH_KEEP_FINISHED"] = str(args.keep)
     os.environ["BENCH_MAX_IN_FLIGHT"] = "none"
-    runs = [soak(args, pruning) for pruning in (("off", "on") if args.pruning == "both" else (args.pruning,))]
+    if args.pruning == "both":  # each in a process of its own (the database is made anew for each)
+        runs = []
+        for pruning in ("off", "on"):
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                argv = [a for a in sys.argv[1:] if a not in ("both",)]
+                argv = [a for i, a in enumerate(argv) if not (a == "--pruning" or (i and argv[i - 1] == "--out"))]
+                argv = [a for a in argv if a != "--out"]
+                subprocess.run([sys.executable, __file__, *argv, "--pruning", pruning, "--out", out.name], check=True)
+                runs.append(json.loads(Path(out.name).read_text())["runs"][0])
+    else:
+        runs = [soak(args, args.pruning)]
     report = {
         "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
         "settings": vars(args) | {"out": str(args.out), "plot": str(args.plot)},

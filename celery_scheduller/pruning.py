@@ -100,6 +100,8 @@ class Pruner:
                 report.task_records += pruned
                 records_left = pruned >= limit
             report.batches += 1
+            if self._stopped.is_set():  # beat is stopping: the rest waits for the next beat's passes
+                break
             if (alarms_left or records_left) and time.monotonic() - started >= budget:
                 report.caught_up = False
                 break

@@ -3,7 +3,6 @@ single statements (``postgres``) where they exist, Django queries (``orm``) ever
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -16,7 +15,7 @@ from ..models import Alarm, BeatRecord
 from ..wire import AttemptRef
 from . import orm, postgres
 from . import transitions as t
-from .rows import ROW_FIELDS, Answered, NewAlarm, NewAttempt, message_from_row
+from .rows import ROW_FIELDS, Answered, NewAlarm, NewAttempt, leased, message_from_row
 
 
 def _on_postgresql() -> bool:
@@ -164,14 +163,7 @@ class DatabaseStore:
         ``lease_until``; if it dies first, another takes the attempt over. A late worker response no longer
         matches the deadline and is ignored."""
         rows = orm.lease_timeouts(schedullers, now, lease_until, limit)
-        kept = _kept_responses([row["pk"] for row in rows if row["callback_failures"]])
-        return [
-            (
-                dataclasses.replace(AttemptRef.of_row(row), deadline=lease_until),
-                message_from_row(row).with_response(kept.get(row["pk"])),
-            )
-            for row in rows
-        ]
+        return leased(rows, lease_until, _kept_responses([row["pk"] for row in rows if row["callback_failures"]]))
 
     def redecide(
         self, ref: AttemptRef, response: Response, deadline: dt.datetime, failures: int, note: str, now: dt.datetime

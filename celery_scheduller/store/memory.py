@@ -4,7 +4,6 @@ decoded by the same code (``rows.decoded``). Not safe across processes; a test d
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 from collections.abc import Iterable, Sequence
@@ -13,7 +12,7 @@ from typing import Any
 from ..message import Message, Response
 from ..wire import AttemptRef
 from . import transitions as t
-from .rows import ROW_FIELDS, NewAlarm, decoded, message_from_row
+from .rows import ROW_FIELDS, NewAlarm, decoded, leased, message_from_row
 
 
 class MemoryStore:
@@ -174,14 +173,7 @@ class MemoryStore:
             self._apply(t.LEASE_TIMEOUT, row, {"lease_until": lease_until}, now)
             if row["callback_failures"] and row.get("last_response"):
                 kept[row["pk"]] = Response.from_json(json.loads(row["last_response"]))
-        overdue = decoded([tuple(row[field] for field in ROW_FIELDS) for row in overdue])
-        return [
-            (
-                dataclasses.replace(AttemptRef.of_row(row), deadline=lease_until),
-                message_from_row(row).with_response(kept.get(row["pk"])),
-            )
-            for row in overdue
-        ]
+        return leased(decoded([tuple(row[field] for field in ROW_FIELDS) for row in overdue]), lease_until, kept)
 
     def redecide(
         self, ref: AttemptRef, response: Response, deadline: dt.datetime, failures: int, note: str, now: dt.datetime

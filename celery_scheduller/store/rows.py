@@ -133,6 +133,21 @@ def message_from_row(row: dict[str, Any]) -> Message:
     )
 
 
+def leased(
+    rows: Iterable[dict[str, Any]], lease_until: dt.datetime, kept: dict[int, Response]
+) -> list[tuple[AttemptRef, Message]]:
+    """Leased attempts (``LEASE_TIMEOUT``) as beat answers them: the ref with its new deadline, and the message
+    carrying the response the attempt kept when its ``service_responded`` failed (``kept``, by pk), else none
+    (a timeout)."""
+    return [
+        (
+            dataclasses.replace(AttemptRef.of_row(row), deadline=lease_until),
+            message_from_row(row).with_response(kept.get(row["pk"])),
+        )
+        for row in rows
+    ]
+
+
 def decoded(found: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
     """Claimed rows (``ROW_FIELDS`` values, JSON possibly as text) as dicts, earliest due first. A row whose
     JSON does not decode is marked ``unreadable``: beat fails it alone, its batch goes on."""
