@@ -149,6 +149,23 @@ def drop_timer_entry(request: Any) -> None:
         request._eta_timer_entry = None
 
 
+def process_terminating() -> bool:
+    """Whether this (prefork pool) process is being terminated by its parent: billiard's SIGTERM handler ran
+    and raised ``SystemExit`` (a hard time limit, a worker shutdown), so a ``SystemExit`` seen now is not the
+    task's own. Relies on ``billiard.common.terminate_handler_fired`` (billiard 4.3), else on its
+    ``_should_have_exited`` flag; False where neither exists (such a SystemExit is then the task's)."""
+    from billiard import common
+
+    fired = getattr(common, "terminate_handler_fired", None)
+    if fired is not None:
+        return bool(fired())
+    flag = getattr(common, "_should_have_exited", None)
+    if isinstance(flag, list) and flag:
+        return bool(flag[0])
+    _warn_once("billiard's terminate-handler flag is missing: a hard time limit may read as SystemExit")
+    return False
+
+
 def check() -> dict[str, bool]:
     """Whether each internal the package relies on is where it expects it, on the installed versions."""
     from celery import Task, current_app
@@ -172,7 +189,14 @@ def check() -> dict[str, bool]:
         "celery Request.time_start": "time_start" in getattr(Request, "__slots__", ())
         or hasattr(Request, "time_start"),
         "celery current_app._get_current_object": hasattr(current_app, "_get_current_object"),
+        "billiard terminate-handler flag": _billiard_flag(),
     }
+
+
+def _billiard_flag() -> bool:
+    from billiard import common
+
+    return hasattr(common, "terminate_handler_fired") or isinstance(getattr(common, "_should_have_exited", None), list)
 
 
 def current_celery_app() -> Any:

@@ -31,7 +31,7 @@ from django.utils import timezone
 from django.utils.crypto import get_random_string
 from django.utils.module_loading import import_string
 
-from . import db
+from . import compat, db
 from .exceptions import ConfigurationError
 from .message import Message
 from .scheduller import OK, Retry, Scheduller
@@ -200,6 +200,10 @@ def run(result_id: str, worker_id: str | None = None) -> dict[str, Any]:
         if hasattr(value, "__await__"):
             value = async_to_sync(_awaited)(value)
     except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the task's outcome, not the worker's
+        if isinstance(exc, SystemExit) and compat.process_terminating():
+            # not the task's own: its process is being terminated (a hard time limit, a shutdown); the worker's
+            # main process records the real cause (``on_runner_failure``)
+            raise
         if not isinstance(exc, Exception):
             logger.error(
                 "Django Task %s (result %s) raised %s: recorded as its failure; the worker goes on",

@@ -245,7 +245,11 @@ def test_arguments_are_normalised_as_djangos_framework_does_before_anything_is_w
     result = jobs.echo.enqueue(b"x", UserList([1]), (2, 3))
     assert (result.args, TaskRecord.objects.get(pk=result.id).args) == (["x", [1], [2, 3]], ["x", [1], [2, 3]])
     finished(result)
-    assert result.return_value == ["x", [1], [2, 3]]
+    assert result.status == TaskResultStatus.SUCCESSFUL and result.return_value == ["x", [1], [2, 3]]
+    assert signals_of(result) == {
+        ("signal:started", "RUNNING", "AlarmTaskBackend"),
+        ("signal:finished", "SUCCESSFUL", "AlarmTaskBackend"),
+    }
     with pytest.raises(TypeError, match="Unsupported type: <class 'object'>"):
         jobs.echo.enqueue(object())
     with pytest.raises(ValueError, match="Unsupported value"):
@@ -288,3 +292,12 @@ def test_a_subclass_of_the_backend_serves_deferred_tasks_and_sends_signals_as_it
             ("signal:started", "RUNNING", "ProjectTaskBackend"),
             ("signal:finished", "SUCCESSFUL", "ProjectTaskBackend"),
         }
+
+
+def test_a_hard_time_limit_fails_the_result_in_seconds_with_the_real_exception():
+    result = jobs.sleep_past_the_time_limit.enqueue()
+    finished(result, 30)
+    assert result.status == TaskResultStatus.FAILED
+    assert result.errors[0].exception_class_path == "billiard.exceptions.TimeLimitExceeded"
+    assert "TimeLimitExceeded" in result.errors[0].traceback
+    assert ("signal:finished", "FAILED", "AlarmTaskBackend") in signals_of(result)

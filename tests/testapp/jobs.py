@@ -99,3 +99,11 @@ def die() -> None:
 def add_elsewhere(a: int, b: int) -> int:
     """``add`` on the backend configured as a subclass of AlarmTaskBackend."""
     return a + b
+
+
+@task
+def sleep_past_the_time_limit() -> None:
+    """Sleep past the runner's hard time limit in the tests' Celery settings (4 s)."""
+    import time
+
+    time.sleep(8)
