@@ -92,12 +92,16 @@ def test_a_search_finds_its_matches_by_their_indexes_then_reads_them_by_primary_
     url = "/admin/celery_scheduller/alarm/?q=order-42&status=all"
     with CaptureQueriesContext(connection) as queries:
         page = admin_client.get(url)
+
+    def column(name: str) -> str:
+        return f"{connection.ops.quote_name('celery_scheduller_alarm')}.{connection.ops.quote_name(name)}"
+
     statements = [q["sql"] for q in queries.captured_queries if "celery_scheduller_alarm" in q["sql"]]
-    searched = [s for s in statements if '"aggregate_id" = ' in s]
+    searched = [s for s in statements if f"{column('aggregate_id')} = " in s]
     assert len(searched) == 1, statements
-    assert '"message_id" = ' in searched[0] and '"correlation_id" = ' in searched[0]
+    assert f"{column('message_id')} = " in searched[0] and f"{column('correlation_id')} = " in searched[0]
     assert "LIMIT 10001" in searched[0] and "ORDER BY" not in searched[0] and "MIN(" not in searched[0]
-    assert any('"id" IN (' in s for s in statements)
+    assert any(f"{column('id')} IN (" in s for s in statements)
     assert page.content.count(b'class="action-select"') == 1 and b"bulk-42<" in page.content
     monkeypatch.setattr(admin, "SEARCH_MATCHES", 0)
     broad = admin_client.get(url)

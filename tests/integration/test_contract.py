@@ -66,7 +66,11 @@ def test_giving_up_with_fail_ends_the_alarm_failed_and_visible_everywhere(beat, 
     )
     assert history[-1] == ("ok", "failed: the customer's card was declined twice")
     # the signal, sent in the worker that stored the decision (testapp records it)
-    failed = wait_for(lambda: list(Run.objects.filter(task="alarm_failed", message_id="give-up")), 10, "alarm_failed")
+    failed = wait_for(
+        lambda: [r for r in Run.objects.filter(task="alarm_failed") if r.kwargs["alarm"] == "give-up"],
+        10,
+        "alarm_failed",
+    )
     assert [(r.kwargs["sender"], r.kwargs["attempt"], r.kwargs["reason"]) for r in failed] == [
         ("tests", 2, assigns["fail_reason"])
     ]

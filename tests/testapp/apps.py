@@ -17,10 +17,10 @@ class TestAppConfig(AppConfig):
 
             from .models import Run
 
+            # the alarm's id in kwargs, not in message_id: rows there are runs of the alarm's task
             Run.objects.create(
                 task="alarm_failed",
-                message_id=getattr(message, "id", "") or "",
-                kwargs={"sender": sender, "attempt": attempt, "reason": reason},
+                kwargs={"alarm": getattr(message, "id", None), "sender": sender, "attempt": attempt, "reason": reason},
                 started_at=timezone.now(),
             )
 
