@@ -158,4 +158,4 @@ LOGGING = {
 if os.environ.get("CSCHED_BATCH_SIZE"):
     CELERY_SCHEDULLER_BATCH_SIZE = int(os.environ["CSCHED_BATCH_SIZE"])
 # the Django Tasks runner under a hard time limit, as a project may set one (a test task sleeps past it)
-CELERY_TASK_ANNOTATIONS = {"celery_scheduller.run_django_task": {"time_limit": 4}}
+CELERY_TASK_ANNOTATIONS = {"celery_scheduller.run_django_task": {"time_limit": 12}}

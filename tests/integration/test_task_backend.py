@@ -170,12 +170,17 @@ def test_priority_and_queue_map_to_celery():
 
 
 def signals_of(result) -> set[tuple[str, str, str]]:
-    """``(signal, status, sender class)`` of the started/finished signals the worker sent for ``result``."""
-    return {
-        (run.task, run.kwargs["status"], run.kwargs["sender"])
-        for run in Run.objects.filter(task__startswith="signal:")
-        if run.kwargs["id"] == result.id
-    }
+    """``(signal, status, sender class)`` of the started/finished signals the worker sent for ``result``, once
+    ``task_finished`` is among them (it is sent just after the result is saved, and recorded by a receiver)."""
+
+    def sent() -> set[tuple[str, str, str]]:
+        return {
+            (run.task, run.kwargs["status"], run.kwargs["sender"])
+            for run in Run.objects.filter(task__startswith="signal:")
+            if run.kwargs["id"] == result.id
+        }
+
+    return wait_for(lambda: {s for s in sent() if s[0] == "signal:finished"} and sent(), 10, "task_finished")
 
 
 BASE_ENDINGS = [
