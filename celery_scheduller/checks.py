@@ -11,6 +11,9 @@ from django.utils.module_loading import import_string
 
 from .conf import PREFIX, settings
 
+#: the Django Tasks runner (``task_backend.RUNNER``), named here so the checks do not import the backend
+RUNNER = "celery_scheduller.run_django_task"
+
 
 @register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
@@ -52,8 +55,8 @@ def _check_time_limits() -> list[CheckMessage]:
         return []
     found: list[CheckMessage] = []
     for name in sorted(names):
-        if name.startswith("celery."):
-            continue
+        if name.startswith("celery.") or name == RUNNER:
+            continue  # Celery's own; the Django Tasks runner, whose alarms wait TIMEOUT_MS (TaskAlarms)
         task = app.tasks[name]
         limits = {
             "time_limit": getattr(task, "time_limit", None) or getattr(conf, "task_time_limit", None),
