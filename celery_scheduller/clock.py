@@ -7,6 +7,12 @@ import datetime as dt
 import time
 from collections.abc import Callable
 
+
+def to_datetime(moment: float) -> dt.datetime:
+    """An epoch timestamp as an aware UTC datetime."""
+    return dt.datetime.fromtimestamp(moment, dt.UTC)
+
+
 #: Seconds between measurements of the offset to the database clock.
 RESYNC_SECONDS = 60.0
 

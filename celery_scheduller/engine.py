@@ -19,6 +19,7 @@ from celery import Celery
 from . import callbacks, pruning, registry, signals, writer
 from . import listener as listener_module
 from . import store as store_module
+from .clock import to_datetime
 from .conf import settings
 from .exceptions import ConfigurationError, PublishFailed, SchedullerError
 from .message import Message, Response, describe
@@ -56,11 +57,6 @@ ROOM_RECOUNT = 1.0
 #: row below it (a retry a worker wrote, an attempt another beat released) is the poll's, as it always
 #: was. Releasing claims of its own starts beat from the beginning again.
 FLOOR_MARGIN = 1.0
-
-
-def to_datetime(moment: float) -> dt.datetime:
-    """An epoch timestamp as an aware UTC datetime."""
-    return dt.datetime.fromtimestamp(moment, dt.UTC)
 
 
 def _check_header_size(headers: dict[str, str], limit: int | None) -> None:

@@ -9,19 +9,20 @@ database can delete, and ``scheduller_status`` shows what waits to be pruned.
 
 Beat runs one ``Pruner``. On PostgreSQL and MariaDB its passes run in a thread of their own, on a
 connection of their own, so beat's claims and publishes never wait for them; on SQLite (one writer at a
-time) they run inside beat's tick. ``scheduller_prune`` runs the same passes from the command line.
+time) they run inside beat's tick. ``scheduller_prune`` deletes with the same statements by hand, with a cut-off
+and a batch size of its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
 import threading
 import time
 from collections.abc import Callable
 
 from . import db
+from .clock import to_datetime
 from .conf import settings
 from .store import Store
 
@@ -31,10 +32,6 @@ logger = logging.getLogger("celery_scheduller")
 BATCH_PAUSE = 0.002
 #: ``prune_backlog`` counts at most this many rows when reporting a pass that fell behind.
 BACKLOG_COUNT_LIMIT = 1_000_000
-
-
-def to_datetime(moment: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(moment, dt.UTC)
 
 
 @dataclasses.dataclass

@@ -71,15 +71,26 @@ def serves_django_tasks() -> bool:
     backends = getattr(django_settings, "TASKS", {}) or {}
     paths = tuple(str(params.get("BACKEND", "")) for params in backends.values())
     if paths not in _serves_tasks:
-        found = False
-        for path in paths:
-            try:
-                backend, ours = import_string(path), import_string(TASK_BACKEND)
-            except ImportError:
-                continue  # Django reports a backend it cannot import when it is used
-            found = found or (isinstance(backend, type) and issubclass(backend, ours))
-        _serves_tasks[paths] = found
+        _serves_tasks[paths] = _names_our_backend(paths)
     return _serves_tasks[paths]
+
+
+def _names_our_backend(paths: tuple[str, ...]) -> bool:
+    """Whether one of these ``BACKEND`` paths is ``AlarmTaskBackend`` or a subclass."""
+    if not paths:
+        return False
+    try:
+        ours = import_string(TASK_BACKEND)
+    except ImportError:  # Django 5.2 without the django-tasks backport: no backend of ours can be named
+        return False
+    for path in paths:
+        try:
+            backend = import_string(path)
+        except ImportError:
+            continue  # Django reports a backend it cannot import when it is used
+        if isinstance(backend, type) and issubclass(backend, ours):
+            return True
+    return False
 
 
 def names() -> list[str]:

@@ -31,7 +31,7 @@ from django.utils import timezone
 from django.utils.crypto import get_random_string
 from django.utils.module_loading import import_string
 
-from . import compat, db
+from . import compat, db, states
 from .exceptions import ConfigurationError
 from .message import Message
 from .scheduller import OK, Retry, Scheduller
@@ -136,7 +136,7 @@ class AlarmTaskBackend(BaseTaskBackend):
             assigns[QUEUE_KEY] = self.celery_queue(queue_name)
         if self.celery_priority(priority) is not None:
             assigns[PRIORITY_KEY] = self.celery_priority(priority)
-        return Message.new(RUNNER, {"result_id": result_id}, id=f"django-task-{result_id}", assigns=assigns)
+        return Message.new(RUNNER, {"result_id": result_id}, id=_alarm_id(result_id), assigns=assigns)
 
     def _publish(self, result_id: str, queue_name: str, priority: int) -> None:
         from celery import current_app
@@ -216,12 +216,24 @@ def run(result_id: str, worker_id: str | None = None) -> dict[str, Any]:
     else:
         retry_in = _record_outcome(record, value, None)
     if retry_in is not None and current_message() is None:
-        # published at once, not an alarm: the retry is one
-        backend = _backend(record.backend)
-        message = backend._message(result_id, record.queue_name, record.priority)
-        TaskAlarms().dispatch(message, result_id, in_ms=retry_in)
+        _retry_as_alarm(record, retry_in)  # published at once, not an alarm: the retry is one
         return {"retry_in_ms": None}
     return {"retry_in_ms": retry_in}
+
+
+def _retry_as_alarm(record: Any, retry_in: int) -> None:
+    """The next attempt of a task that was published at once: an alarm of ``TaskAlarms`` ``retry_in`` ms on."""
+    message = _backend(record.backend)._message(record.pk, record.queue_name, record.priority)
+    TaskAlarms().dispatch(message, record.pk, in_ms=retry_in)
+
+
+def _alarm_id(result_id: str) -> str:
+    """The message id of the alarm that runs (or retries) the Django Task of ``result_id``."""
+    return f"django-task-{result_id}"
+
+
+def _class_path(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"
 
 
 async def _awaited(value: Any) -> Any:
@@ -276,7 +288,7 @@ def _record_outcome(
     if exc is not None or failure:
         record.return_value = None
         if exc is not None:
-            path = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            path = _class_path(exc)
             text = traceback_text or "".join(traceback.format_exception(exc))
         else:
             path, text = "celery_scheduller.exceptions.SchedullerError", str(failure)
@@ -307,7 +319,7 @@ def _save(record: Any) -> None:
             exc,
             extra={"action": "task_failed"},
         )
-        path = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        path = _class_path(exc)
         text = f"storing the task's outcome failed: {''.join(traceback.format_exception(exc))}"
         record.return_value = None
         record.errors = [*record.errors, {"exception_class_path": path, "traceback": text}]
@@ -337,22 +349,12 @@ def on_runner_failure(
         text = str(getattr(einfo, "traceback", "") or "") or "".join(traceback.format_exception(exception))
         retry_in = record_outcome(result_id, None, None, exception, text)
         if retry_in is not None:
-            from .models import Alarm
+            from .models import Alarm, TaskRecord
 
-            message_id = f"django-task-{result_id}"
-            if not Alarm.objects.filter(message_id=message_id, state__in=("pending", "published")).exists():
-                record = _record(result_id)
-                backend = _backend(record.backend)
-                message = backend._message(result_id, record.queue_name, record.priority)
-                TaskAlarms().dispatch(message, result_id, in_ms=retry_in)
+            if not Alarm.objects.filter(message_id=_alarm_id(result_id), state__in=states.ACTIVE).exists():
+                _retry_as_alarm(TaskRecord.objects.get(pk=result_id), retry_in)  # else its alarm retries it
     except Exception:
         logger.exception("recording the failure of Django Task result %s failed", result_id)
-
-
-def _record(result_id: str) -> Any:
-    from .models import TaskRecord
-
-    return TaskRecord.objects.get(pk=result_id)
 
 
 def connect() -> None:

@@ -81,15 +81,17 @@ def remove(transition: t.Transition, ref: AttemptRef) -> bool:
     return deleted > 0
 
 
+def _new_row(new: NewAlarm) -> Alarm:
+    """The unsaved row of a new alarm (``transitions.INSERT_COLUMNS``, JSON decoded for the ORM)."""
+    values = dict(zip((column for column, _ in t.INSERT_COLUMNS), new.values(), strict=True))
+    for column, sql_type in t.INSERT_COLUMNS:
+        if sql_type == "jsonb":
+            values[column] = json.loads(values[column])
+    return Alarm(**values, state=t.INSERTED_STATE)
+
+
 def insert(batch: Sequence[NewAlarm]) -> None:
-    rows = []
-    for new in batch:
-        values = dict(zip((column for column, _ in t.INSERT_COLUMNS), new.values(), strict=True))
-        for column, sql_type in t.INSERT_COLUMNS:
-            if sql_type == "jsonb":
-                values[column] = json.loads(values[column])
-        rows.append(Alarm(**values, state=t.INSERTED_STATE))
-    Alarm.objects.bulk_create(rows, ignore_conflicts=True)
+    Alarm.objects.bulk_create([_new_row(new) for new in batch], ignore_conflicts=True)
 
 
 def insert_one(new: NewAlarm) -> bool:
@@ -97,13 +99,9 @@ def insert_one(new: NewAlarm) -> bool:
     when it was inserted."""
     from django.db import IntegrityError
 
-    values = dict(zip((column for column, _ in t.INSERT_COLUMNS), new.values(), strict=True))
-    for column, sql_type in t.INSERT_COLUMNS:
-        if sql_type == "jsonb":
-            values[column] = json.loads(values[column])
     try:
         with db.atomic():
-            Alarm.objects.create(**values, state=t.INSERTED_STATE)
+            _new_row(new).save(force_insert=True)
     except IntegrityError:
         if not Alarm.objects.filter(message_id=new.message.id).exists():
             raise  # another constraint: not a duplicate id
