@@ -101,7 +101,7 @@ def insert_one(new: NewAlarm) -> bool:
 
     try:
         with db.atomic():
-            _new_row(new).save(force_insert=True)
+            _new_row(new).save(force_insert=True, using=db.alias())
     except IntegrityError:
         if not Alarm.objects.filter(message_id=new.message.id).exists():
             raise  # another constraint: not a duplicate id
