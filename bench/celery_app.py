@@ -12,6 +12,16 @@ app = Celery("bench")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["bench"])
 
+# The other systems' workers (bench/compare.py): Celery's own consumer, without the package's consumer steps
+# (its guard of held alarm deliveries, which also frees Celery 5.7's fired timer entries of every eta task).
+if os.environ.get("BENCH_STOCK_WORKER"):
+    import django
+    from celery import signals
+
+    django.setup()  # the package's app connects its receivers in ready(): take this one out before worker_init
+    signals.worker_init.disconnect(dispatch_uid="celery_scheduller.prompt_prefetch")
+
+
 # bench/worker_cost.py only: take parts of the result hook out of the worker to see what each costs.
 if os.environ.get("BENCH_HOOK") in ("off", "no-write"):
     from celery.signals import worker_process_init, worker_ready

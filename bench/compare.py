@@ -61,6 +61,8 @@ sys.path.insert(0, str(ROOT))
 os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
 
 OURS, ETA, DCB, PLAIN = "celery_scheduller", "Celery ETA", "django-celery-beat", "plain apply_async"
+#: the package's PUBLISH_AHEAD (ms) when it is not set
+DEFAULT_AHEAD = 1_000
 SCHEDULLER = "bench"
 #: rolling: seconds between the client's bulk calls
 ROLLING_TICK = 0.02
@@ -450,8 +452,9 @@ class Bench:
             label += f", {self.args.workers} workers"
         if self.args.concurrency != 8:
             label += f", -c {self.args.concurrency}"
-        if system == OURS and self.args.publish_ahead:
-            label += f", published {self.args.publish_ahead} ms ahead"
+        if system == OURS and self.args.publish_ahead != DEFAULT_AHEAD:
+            label += f", PUBLISH_AHEAD = {self.args.publish_ahead}"
+            label += "" if self.args.publish_ahead else " (published when due: the former default)"
         if system == OURS and self.args.no_ack_emulation:
             label += ", Redis ack emulation off"
         print(f"· {workload}: {label}, {len(dues):,} alarms", flush=True)
@@ -464,7 +467,7 @@ class Bench:
             notes.append(note or f"{done:,} pending in the background (filled in {time.monotonic() - started:.0f} s)")
         # with --workers, each waits for a ping of its own, which any of the started ones may run;
         # the other systems' workers are Celery's own (PUBLISH_AHEAD adds prefetch.PromptPrefetch)
-        stock = None if system == OURS else {"BENCH_PUBLISH_AHEAD": "0"}
+        stock = None if system == OURS else {"BENCH_PUBLISH_AHEAD": "0", "BENCH_STOCK_WORKER": "1"}
         if system == OURS and self.args.no_ack_emulation:
             stock = {"BENCH_ACK_EMULATION": "off"}
         workers = [
@@ -836,10 +839,11 @@ def main() -> None:
     parser.add_argument(
         "--publish-ahead",
         type=int,
-        default=0,
+        default=DEFAULT_AHEAD,
         metavar="MS",
-        help="celery_scheduller's PUBLISH_AHEAD: beat publishes each alarm this long before it is due, with an eta; "
-        "its workers get prefetch.PromptPrefetch (the other systems' workers stay Celery's own)",
+        help="celery_scheduller's PUBLISH_AHEAD (default: the package's, 1,000): beat publishes each alarm this long "
+        "before it is due, with an eta; 0 publishes when due. Its workers get the package's consumer steps (the "
+        "other systems' workers stay Celery's own)",
     )
     parser.add_argument(
         "--max-in-flight",

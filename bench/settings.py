@@ -57,7 +57,9 @@ CELERY_SCHEDULLER_MAX_IN_FLIGHT = (
     None if os.environ.get("BENCH_MAX_IN_FLIGHT") == "none" else int(os.environ.get("BENCH_MAX_IN_FLIGHT", "1000"))
 )
 # BENCH_PUBLISH_AHEAD (bench/compare.py --publish-ahead): alarms go out that many ms before they are due
-CELERY_SCHEDULLER_PUBLISH_AHEAD = int(os.environ.get("BENCH_PUBLISH_AHEAD", "0"))
+# (unset: the package's default)
+if os.environ.get("BENCH_PUBLISH_AHEAD"):
+    CELERY_SCHEDULLER_PUBLISH_AHEAD = int(os.environ["BENCH_PUBLISH_AHEAD"])
 CELERY_SCHEDULLER_POLL_INTERVAL = int(os.environ.get("BENCH_POLL_INTERVAL", "500"))
 # BENCH_ACK_EMULATION=off (bench/compare.py --no-ack-emulation, celery_scheduller's workers only): kombu's
 # Redis transport keeps no copy of the messages a worker took in (README: "Redis workers that serve only

@@ -45,7 +45,7 @@ def ping(key: str) -> None:
 def soak(self: Any, run: str, n: int, due: float, fail: bool) -> None:
     """bench/soak.py's task: records ``n due started attempt outcome``; a ``fail`` alarm's first try raises."""
     started = time.time()
-    attempt = int(str(self.request.id).rpartition("#")[2] or 0)
+    attempt = int(str(self.request.id).rpartition("#")[2].partition(".")[0] or 0)  # message id#attempt.pk
     failing = fail and attempt == 1
     _hits.rpush(f"soak:{run}", f"{n} {due!r} {started!r} {attempt} {'error' if failing else 'ok'}")
     if failing:

@@ -149,6 +149,35 @@ def drop_timer_entry(request: Any) -> None:
         request._eta_timer_entry = None
 
 
+def seconds_to_eta(request: Any) -> float | None:
+    """Seconds until a held task's ``eta`` (Celery's ``Request.eta``, an ISO 8601 string or a datetime, with
+    its offset), by this host's clock; None without one, or with one that names no offset."""
+    import datetime as dt
+
+    eta = getattr(request, "eta", None)
+    if isinstance(eta, str):
+        try:
+            eta = dt.datetime.fromisoformat(eta)
+        except ValueError:
+            return None
+    if not isinstance(eta, dt.datetime) or eta.tzinfo is None:
+        return None
+    return (eta - dt.datetime.now(dt.UTC)).total_seconds()
+
+
+def mark_revoked(request: Any) -> None:
+    """Put a held task's id among the worker's revoked ones (``celery.worker.state.revoked``, where Celery's
+    ``revoke`` puts it): when it is handed on, the worker acknowledges it, reports it revoked and never runs it.
+    Each publish of an alarm has a task id of its own (its attempt), so no later task is caught."""
+    from celery.worker import state
+
+    revoked = getattr(state, "revoked", None)
+    if revoked is None or not hasattr(revoked, "add"):
+        _warn_once("celery.worker.state has no revoked set: a held alarm delivery no longer current runs anyway")
+        return
+    revoked.add(request.id)
+
+
 def process_terminating() -> bool:
     """Whether this (prefork pool) process is being terminated by its parent: billiard's SIGTERM handler ran
     and raised ``SystemExit`` (a hard time limit, a worker shutdown), so a ``SystemExit`` seen now is not the

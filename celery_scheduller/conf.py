@@ -93,11 +93,12 @@ SPECS: tuple[Spec, ...] = (
     ),
     Spec(
         "PUBLISH_AHEAD",
-        0,
+        1_000,
         "ms",
-        "How long before its due time beat publishes an alarm, as a Celery task with ``eta`` at that time "
-        "(0: when due). Within this much of its time an alarm is published: ``reschedule`` no longer moves it, "
-        "``cancel`` revokes it.",
+        "How long before its due time beat publishes an alarm, as a Celery task with ``eta`` at that time, "
+        "which the worker holds and starts on time (0: published when due, as a task without ``eta``). "
+        "``cancel`` and ``reschedule`` keep their meaning while a worker holds it: it is revoked, and the "
+        "worker runs it only if it is still its alarm's published attempt when due.",
         minimum=0,
         maximum=MAX_PUBLISH_AHEAD,
     ),

@@ -56,3 +56,9 @@ def atomic() -> Any:
 def on_commit(callback: Any) -> None:
     """Run ``callback`` when the package database's transaction commits (at once outside one)."""
     transaction.on_commit(callback, using=alias())
+
+
+def close_if_unusable() -> None:
+    """Close this thread's connection when an error left it unusable: the next statement opens a new one
+    (for long-lived processes outside Django's request cycle: a worker's main process, beat)."""
+    connection().close_if_unusable_or_obsolete()

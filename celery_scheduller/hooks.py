@@ -9,7 +9,9 @@ Connected to Celery's task signals by the app's ``ready()``:
   child never reached ``task_postrun``, becomes an ``error`` response (the delivery found by its header,
   kept from ``task_received``, never by its task id);
 - ``task_unknown``: a delivery of a task the worker does not know becomes an ``error`` response;
-- ``worker_init``: with ``PUBLISH_AHEAD`` set, the worker's consumer gets ``prefetch.PromptPrefetch``.
+- ``worker_init``: the worker's consumer gets ``prefetch.GuardHeldAlarms`` (a held alarm delivery runs only
+  if still current when due), and with ``PUBLISH_AHEAD`` set ``prefetch.PromptPrefetch``;
+- ``task_received`` in the main process: a held alarm delivery is looked up ahead of its time (``prefetch``).
 
 A failing hook is logged with the alarm id and never raised into the worker.
 """
@@ -192,4 +194,5 @@ def connect() -> None:
     signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid="celery_scheduller.postrun")
     signals.task_failure.connect(_on_failure, weak=False, dispatch_uid="celery_scheduller.failure")
     signals.task_received.connect(_on_received, weak=False, dispatch_uid="celery_scheduller.received")
+    signals.task_received.connect(prefetch.received, weak=False, dispatch_uid="celery_scheduller.guard_received")
     signals.task_unknown.connect(_on_unknown, weak=False, dispatch_uid="celery_scheduller.unknown")

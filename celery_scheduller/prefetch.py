@@ -1,16 +1,18 @@
-"""The worker side of publishing ahead: take tasks held for their ``eta`` in as fast as they arrive, and
-free each one when it has run. Both steps are added to the worker's consumer when ``PUBLISH_AHEAD`` is set
-(the one case where alarms reach workers with an ``eta``) and apply to every ``eta`` task of that worker.
+"""The worker side of publishing ahead (``PUBLISH_AHEAD``, on by default): take tasks held for their ``eta``
+in as fast as they arrive, run a held alarm delivery only if it is still current when it comes due, and free
+each held task when it has run. ``install`` adds the steps to the worker's consumer on ``worker_init``.
 
-- ``PromptPrefetch``: a worker raises its prefetch count by one per held task but applies the new count
-  only after its next poll of the broker, which can wait up to 10 s once held tasks fill the window. The
-  step applies a raised count before the poll: at once when half an initial window has come in, else
-  within ``SETTLE`` seconds.
-- ``ReleaseTimerEntries``: Celery 5.7 keeps a held task's timer entry on its request, a reference cycle that
-  only the garbage collector's full pass frees (long pauses at high rates). When the entry has fired the
-  step drops it, so the task is freed when it ends.
+- ``PromptPrefetch`` (when ``PUBLISH_AHEAD`` is set): a worker raises its prefetch count by one per held task
+  but applies the new count only after its next poll of the broker, which can wait up to 10 s once held tasks
+  fill the window. The step applies a raised count before the poll: at once when half an initial window has
+  come in, else within ``SETTLE`` seconds. It applies to every ``eta`` task of that worker.
+- ``GuardHeldAlarms`` (always): when a held alarm delivery comes due, the ``Guard`` reads its alarm's row and
+  runs it only while it is still the alarm's published attempt, so a ``cancel`` or ``reschedule`` committed
+  before then holds even where its revoke did not reach the worker. It also drops the fired timer entry that
+  Celery 5.7 keeps on the request (a reference cycle only the garbage collector's full pass frees), so the
+  task is freed when it ends.
 
-The internals both rely on are reached through ``compat`` (logged once, and the step inactive, where a
+The internals they rely on are reached through ``compat`` (logged once, and the step inactive, where a
 Celery release moved them). The measurements behind them are in the docs (benchmarks, publishing ahead).
 """
 
@@ -23,12 +25,18 @@ from typing import Any
 
 from celery import bootsteps
 
-from . import compat
+from . import compat, db
 
 logger = logging.getLogger("celery_scheduller")
 
 #: Seconds within which a raised prefetch count smaller than half a window is applied.
 SETTLE = 0.02
+#: Seconds before its due time a held alarm delivery is looked up (half of ``states.HANDOVER_MS``: the rest is
+#: room for clocks apart and statements under way), within ``BATCH`` seconds of others, to share their lookup.
+LOOK_AHEAD = 0.05
+BATCH = 0.005
+#: Seconds between looks at a due alarm delivery whose row another transaction holds, or whose look failed.
+RECHECK = 0.01
 
 
 class PromptPrefetch(bootsteps.StartStopStep):
@@ -74,35 +82,171 @@ class PromptPrefetch(bootsteps.StartStopStep):
     shutdown = stop
 
 
-def _releasing(on_due: Callable[..., Any]) -> Callable[..., Any]:
-    """``on_due`` that first drops the request's reference to the timer entry that just fired."""
+class Guard:
+    """Decides whether a held alarm delivery runs when it comes due: only while it is still its alarm's
+    published attempt, so a ``cancel`` or ``reschedule`` committed before then holds even where its revoke did
+    not reach this worker (restarted since, or handed the task again by the broker).
 
-    @functools.wraps(on_due)
-    def release_then(request: Any, *args: Any) -> Any:
-        compat.drop_timer_entry(request)
+    The last look is taken ``LOOK_AHEAD`` before the due time, off the due time's path: deliveries looked at
+    within ``BATCH`` of one another share one short transaction, and at the due time the task is handed on
+    at once. A delivery received later than that, whose row another transaction holds (a cancel not yet
+    committed: its outcome decides), or whose look failed, is looked at again when due and every ``RECHECK``
+    until it is decided or its deadline passes (then beat answers the attempt as lost); it is never run
+    unchecked."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.decided: dict[str, str] = {}  # task id -> the verdict of the look ahead (RUN or DROP)
+        self.to_look: list[tuple[Any, Any]] = []  # (request, attempt) to look at ahead
+        self.waiting: list[tuple[Callable[..., Any], Any, tuple[Any, ...], Any]] = []  # due, not yet decided
+        self.looking = self.rechecking = False
+
+    # -- ahead of the due time -----------------------------------------------------------------------------
+
+    def received(self, request: Any) -> None:
+        """A task the worker took in: a held alarm delivery gets its look ``LOOK_AHEAD`` before it is due."""
+        hub = getattr(self.consumer, "hub", None)
+        due_in = compat.seconds_to_eta(request)
+        if hub is None or due_in is None or due_in <= LOOK_AHEAD:
+            return  # no event loop, no eta, or due too soon: looked at when due
+        ref = _held_attempt(request)
+        if ref is not None:  # the attempt first: ``inspect scheduled`` lists entries whose first argument is a request
+            hub.call_later(due_in - LOOK_AHEAD, self._look_ahead, ref, request)
+
+    def _look_ahead(self, ref: Any, request: Any) -> None:
+        self.to_look.append((request, ref))
+        if not self.looking:
+            self.looking = True
+            self.consumer.hub.call_later(BATCH, self._look)
+
+    def _look(self) -> None:
+        from .store import orm
+
+        self.looking = False
+        batch, self.to_look = self.to_look, []
+        verdicts = self._verdicts([ref for _, ref in batch])
+        for request, ref in batch:
+            verdict = verdicts.get(ref.pk, orm.WAIT)
+            if verdict != orm.WAIT:  # else looked at again when due
+                self.decided[request.id] = verdict
+
+    # -- at the due time ---------------------------------------------------------------------------------------
+
+    def wrap(self, on_due: Callable[..., Any]) -> Callable[..., Any]:
+        """``on_due`` that drops the fired timer entry and lets an alarm delivery through the guard."""
+
+        @functools.wraps(on_due)
+        def guarded(request: Any, *args: Any) -> Any:
+            compat.drop_timer_entry(request)
+            verdict = self.decided.pop(str(getattr(request, "id", "")), None)
+            if verdict is not None:
+                return self._hand_on(on_due, request, args, verdict, _held_attempt(request))
+            ref = _held_attempt(request)
+            if ref is None:
+                return on_due(request, *args)
+            self.waiting.append((on_due, request, args, ref))
+            self._decide_waiting()
+            return None
+
+        return guarded
+
+    def _decide_waiting(self) -> None:
+        from . import clock
+        from .store import orm
+
+        self.rechecking = False
+        batch, self.waiting = self.waiting, []
+        if not batch:
+            return
+        verdicts = self._verdicts([ref for *_, ref in batch])
+        now = clock.default.now_datetime()
+        for on_due, request, args, ref in batch:
+            verdict = verdicts.get(ref.pk, orm.WAIT)
+            if verdict == orm.WAIT and now < ref.deadline:
+                self.waiting.append((on_due, request, args, ref))
+            else:
+                self._hand_on(on_due, request, args, verdict, ref)
+        hub = getattr(self.consumer, "hub", None)
+        if self.waiting and not self.rechecking and hub is not None:
+            self.rechecking = True
+            hub.call_later(RECHECK, self._decide_waiting)
+
+    def _hand_on(self, on_due: Callable[..., Any], request: Any, args: tuple[Any, ...], verdict: str, ref: Any) -> Any:
+        from .store import orm
+
+        if verdict != orm.RUN:
+            logger.info(
+                "alarm %s attempt %s was cancelled, moved or answered while a worker held it: not run",
+                getattr(ref, "message_id", "?"),
+                getattr(ref, "attempt", "?"),
+                extra={"alarm_id": getattr(ref, "message_id", None), "action": "held_dropped"},
+            )
+            compat.mark_revoked(request)  # Celery acknowledges it and reports it revoked, never runs it
         return on_due(request, *args)
 
-    return release_then
+    def _verdicts(self, refs: list[Any]) -> dict[int, str]:
+        from . import store
+
+        try:
+            return store.held_verdicts(refs)
+        except Exception as exc:
+            logger.warning(
+                "cannot check %s held alarm deliveries against the database (%s); looked at again when due",
+                len(refs),
+                exc,
+                extra={"action": "guard_failed", "count": len(refs)},
+            )
+            db.close_if_unusable()
+            return {}
 
 
-class ReleaseTimerEntries(bootsteps.Step):
-    """A consumer step: a held task drops its fired timer entry, so it is freed when it has run."""
+#: The one ``Guard`` of this worker process (its consumer's), once the consumer is built.
+_guard: list[Guard] = []
+
+
+def received(request: Any = None, **_: Any) -> None:
+    """``task_received`` (main process): the guard's look ahead of a held alarm delivery."""
+    if _guard and request is not None:
+        _guard[0].received(request)
+
+
+def _held_attempt(request: Any) -> Any:
+    """The attempt an alarm delivery names, or None for any other task (or one whose header is not ours)."""
+    from .wire import BadHeader, read_header
+
+    try:
+        found = read_header(getattr(request, "request_dict", None), getattr(request, "kwargs", None))
+    except (BadHeader, ValueError, KeyError, TypeError):
+        return None  # logged by the task hooks when it runs
+    return None if found is None else found[0]
+
+
+class GuardHeldAlarms(bootsteps.Step):
+    """A consumer step: a held task drops its fired timer entry (so it is freed when it has run), and a held
+    alarm delivery goes through the ``Guard`` when it comes due."""
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         # Built with the consumer, before its Tasks step reads these callbacks into each task's strategy.
+        guard = Guard(parent)
+        _guard[:] = [guard]
         for name in compat.eta_callbacks(parent):
-            setattr(parent, name, _releasing(getattr(parent, name)))
+            setattr(parent, name, guard.wrap(getattr(parent, name)))
 
 
 def install(sender: Any = None, **_: Any) -> None:
-    """``worker_init`` receiver: add ``PromptPrefetch`` and ``ReleaseTimerEntries`` to the worker's consumer
-    when publishing ahead."""
+    """``worker_init`` receiver: add ``GuardHeldAlarms`` to the worker's consumer, and ``PromptPrefetch`` when
+    publishing ahead. The guard goes in whatever this worker's ``PUBLISH_AHEAD``: a beat with another setting
+    may publish ahead to it."""
     from .conf import settings
 
-    if sender is not None and settings.publish_ahead() > 0:
-        sender.app.steps["consumer"].update((PromptPrefetch, ReleaseTimerEntries))
-        logger.info(
-            "PUBLISH_AHEAD is set: prefetch counts raised for eta tasks apply before each poll;"
-            " eta tasks drop their fired timer entries"
-        )
+    if sender is None:
+        return
+    steps: tuple[type[bootsteps.Step], ...] = (GuardHeldAlarms,)
+    if settings.publish_ahead() > 0:
+        steps = (PromptPrefetch, GuardHeldAlarms)
+    sender.app.steps["consumer"].update(steps)
+    logger.info(
+        "alarm deliveries held for their eta are checked against the database when due%s",
+        "; prefetch counts raised for eta tasks apply before each poll" if len(steps) > 1 else "",
+    )

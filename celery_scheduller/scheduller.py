@@ -85,25 +85,26 @@ _DISPATCH_BATCH = 2_000
 logger = logging.getLogger("celery_scheduller")
 
 
-def _revoke(attempts: Sequence[tuple[str, int]]) -> None:
+def _revoke(attempts: Sequence[tuple[str, int, int]]) -> None:
     """Tell the workers to drop these attempts, published ahead of their time (``PUBLISH_AHEAD``) and
-    cancelled before it: Celery's revoke, which a worker holding a task until its ``eta`` honours.
+    cancelled or rescheduled before it: Celery's revoke, which frees a worker holding a task until its ``eta``.
 
-    One try to reach the broker: where it fails, or a worker does not hear it, the task runs at its
-    time and its answer is ignored, as for any cancelled published attempt.
+    One try to reach the broker: where it fails, or a worker does not hear it (it was restarted, the task was
+    delivered again to another), the worker's guard (``prefetch.GuardHeldAlarms``) drops the task when it
+    comes due, having read that the attempt is no longer the alarm's.
     """
     from celery import current_app
 
     from .wire import task_id_of
 
-    task_ids = [task_id_of(message_id, attempt) for message_id, attempt in attempts]
+    task_ids = [task_id_of(message_id, attempt, pk) for message_id, attempt, pk in attempts]
     try:
         with current_app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1)
             current_app.control.revoke(task_ids, connection=connection)
     except Exception as exc:  # the cancel stands; only the early drop is lost
         logger.warning(
-            "could not revoke %s cancelled alarms published ahead (%s); they run at their time, answers ignored",
+            "could not revoke %s alarms published ahead (%s); their workers drop them when they come due",
             len(task_ids),
             exc,
             extra={"action": "revoke_failed", "count": len(task_ids)},
@@ -336,19 +337,27 @@ class Scheduller:
         in_ms: int | None = None,
         now: dt.datetime | None = None,
     ) -> bool:
-        """Move a pending alarm to ``at`` or ``in_ms`` from now; False when it is not pending."""
+        """Move an alarm that has not started to ``at`` or ``in_ms`` from now; False when it is not on the
+        schedule or its task may be starting.
+
+        A pending alarm moves. One published ahead of its time (``PUBLISH_AHEAD``: a worker holds it until
+        then) moves while it is due more than ``states.HANDOVER_MS`` later: it is pending again, and the held
+        task is revoked and, wherever the revoke does not reach, dropped by the worker when it comes due. An
+        alarm due sooner, or published at its time, runs as it is: False."""
         from . import store
 
         registry.check_served(type(self))
         now = now or _now()
         due = due_time(at, in_ms, now)
-        moved = store.reschedule(self.scheduller_name(), message_id, due, now)
+        moved, held = store.reschedule(self.scheduller_name(), message_id, due, now)
+        if held is not None:
+            db.on_commit(lambda: _revoke([held]))
         if moved:
             self._announce(due, due)
         return moved
 
     def dispatch_now(self, message_id: str, *, now: dt.datetime | None = None) -> bool:
-        """Make a pending alarm due at once; False when it is not pending."""
+        """Make an alarm that has not started due at once (``reschedule`` with ``in_ms=0``)."""
         return self.reschedule(message_id, in_ms=0, now=now)
 
     def restart(self, message_id: str, *, in_ms: int = 0, now: dt.datetime | None = None) -> bool:

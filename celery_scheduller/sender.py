@@ -74,7 +74,7 @@ class TaskSender:
             producer,
             message.service_name,
             message.raw_request,
-            task_id_of(message.id, ref.attempt),
+            task_id_of(message.id, ref.attempt, ref.pk),
             headers,
             ref.deadline,
             eta,

@@ -9,6 +9,7 @@
        |               published --service_responded failed--> published (the response kept; decided
        |                                                        again after a back-off, the task not run)
        |               pending --task unknown at publish--> failed
+       |               published --reschedule (held by a worker, due > HANDOVER_MS on)--> pending
        \\---- dispatch / reschedule / restart (of an ended alarm)
     pending, published --cancel--> cancelled (or removed, without KEEP_FINISHED)
 
@@ -32,6 +33,10 @@ CHOICES = [
     (CANCELLED, "cancelled"),
 ]
 
+#: How close to its due time an alarm published ahead (held by a worker until then) may still be moved by
+#: ``reschedule``, in ms: closer, the worker may be starting it, and ``reschedule`` returns False.
+HANDOVER_MS = 100
+
 #: States of an alarm still on the schedule.
 ACTIVE: tuple[str, ...] = (PENDING, PUBLISHED)
 #: States of an alarm kept as history after it ended.
@@ -47,7 +52,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "redecide": (PUBLISHED,),
     "fail": (PUBLISHED,),
     "cancel": ACTIVE,
-    "reschedule": (PENDING,),
+    "reschedule": ACTIVE,
     "restart": ENDED,
     "prune": ENDED,
 }

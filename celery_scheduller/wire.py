@@ -79,9 +79,10 @@ class AttemptRef:
         )
 
 
-def task_id_of(message_id: str, attempt: int) -> str:
-    """The Celery task id of one attempt: the same message id and attempt on every redelivery."""
-    return f"{message_id}#{attempt}"
+def task_id_of(message_id: str, attempt: int, pk: int) -> str:
+    """The Celery task id of one attempt: the same on every redelivery, and never the id of another attempt,
+    nor of an attempt of a later alarm with the same message id (the row's ``pk``): a revoke names only it."""
+    return f"{message_id}#{attempt}.{pk}"
 
 
 def header_of(ref: AttemptRef, message: Message) -> dict[str, str]:

@@ -115,6 +115,7 @@ retry = default.retry
 retries_in_one_statement = default.retries_in_one_statement
 retry_many = default.retry_many
 is_current = default.is_current
+held_verdicts = default.held_verdicts
 cancel = default.cancel
 reschedule = default.reschedule
 restart = default.restart

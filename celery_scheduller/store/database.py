@@ -296,6 +296,11 @@ class DatabaseStore:
         """Whether ``ref`` is still the alarm's published attempt (same pk, attempt and deadline)."""
         return orm.guarded(t.FINISH, ref).exists()
 
+    def held_verdicts(self, refs: Sequence[AttemptRef]) -> dict[int, str]:
+        """Whether a worker runs (``"run"``), drops (``"drop"``) or waits to decide (``"wait"``) each attempt
+        it held ahead of its time, now due (by pk)."""
+        return orm.held_verdicts(refs)
+
     # -- the API's changes ----------------------------------------------------------------------------------
 
     def cancel(
@@ -306,20 +311,23 @@ class DatabaseStore:
         *,
         message_ids: Iterable[str] = (),
         aggregate_id: str = "",
-    ) -> tuple[list[str], list[tuple[str, int]]]:
+    ) -> tuple[list[str], list[tuple[str, int, int]]]:
         """``transitions.CANCEL`` by message id or by aggregate; returns the ids cancelled, and the ``(message
-        id, attempt)`` of those published ahead of their time: attempts a worker holds unstarted, which the
+        id, attempt, pk)`` of those published ahead of their time: attempts a worker holds unstarted, which the
         caller revokes. A published attempt's late response is then ignored."""
         found = orm.cancel(scheduller, now, keep_history, list(message_ids), aggregate_id)
         ahead = [
-            (message_id, attempt)
-            for _, message_id, state, attempt, due in found
+            (message_id, attempt, pk)
+            for pk, message_id, state, attempt, due in found
             if state == states.PUBLISHED and due > now
         ]
         return [message_id for _, message_id, *_ in found], ahead
 
-    def reschedule(self, scheduller: str, message_id: str, dispatch_at: dt.datetime, now: dt.datetime) -> bool:
-        """Move a pending alarm to ``dispatch_at``; False when it is not pending."""
+    def reschedule(
+        self, scheduller: str, message_id: str, dispatch_at: dt.datetime, now: dt.datetime
+    ) -> tuple[bool, tuple[str, int, int] | None]:
+        """Move a pending alarm, or one a worker holds ahead of its time, to ``dispatch_at``: whether it moved,
+        and the held attempt ``(message id, attempt, pk)`` the caller revokes."""
         return orm.reschedule(scheduller, message_id, dispatch_at, now)
 
     def restart(self, scheduller: str, message_id: str, dispatch_at: dt.datetime, now: dt.datetime) -> bool:

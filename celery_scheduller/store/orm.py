@@ -11,7 +11,7 @@ from typing import Any
 
 from django.db.models import F, Q, QuerySet
 
-from .. import compat, db
+from .. import compat, db, states
 from ..exceptions import ClaimConflict
 from ..models import Alarm, AlarmAttempt, TaskRecord
 from ..wire import AttemptRef
@@ -190,12 +190,61 @@ def cancel(
     return found
 
 
-def reschedule(scheduller: str, message_id: str, dispatch_at: dt.datetime, now: dt.datetime) -> bool:
-    """``transitions.RESCHEDULE``: a pending alarm to ``dispatch_at``."""
-    changed = Alarm.objects.filter(scheduller=scheduller, message_id=message_id, state__in=t.RESCHEDULE.source).update(
-        **effect(t.RESCHEDULE, {"dispatch_at": dispatch_at}, now)
+def reschedule(
+    scheduller: str, message_id: str, dispatch_at: dt.datetime, now: dt.datetime
+) -> tuple[bool, tuple[str, int, int] | None]:
+    """``transitions.RESCHEDULE``: a pending alarm, or one published ahead and due more than
+    ``states.HANDOVER_MS`` after ``now``, to ``dispatch_at``. Returns whether it moved, and the ``(message id,
+    attempt, pk)`` a worker holds when it was published ahead (the caller revokes it; the worker's guard drops it)."""
+    movable = Q(state=states.PENDING) | Q(
+        state=states.PUBLISHED, dispatch_at__gt=now + dt.timedelta(milliseconds=states.HANDOVER_MS)
     )
-    return changed > 0
+    with db.atomic():
+        # Locked as read: a beat claiming it meanwhile skips it; a worker's guard waits for this to commit.
+        found = (
+            Alarm.objects.filter(movable, scheduller=scheduller, message_id=message_id, state__in=t.RESCHEDULE.source)
+            .select_for_update()
+            .values_list("pk", "state", "attempt")
+            .first()
+        )
+        if found is None:
+            return False, None
+        pk, state, attempt = found
+        changed = Alarm.objects.filter(pk=pk, state=state, attempt=attempt).update(
+            **effect(t.RESCHEDULE, {"dispatch_at": dispatch_at}, now)
+        )
+    if not changed:
+        return False, None
+    return True, ((message_id, attempt, pk) if state == states.PUBLISHED else None)
+
+
+#: What a worker does with an alarm it held ahead of its time, now due (``held_verdicts``).
+RUN, DROP, WAIT = "run", "drop", "wait"
+
+
+def held_verdicts(refs: Sequence[AttemptRef]) -> dict[int, str]:
+    """For each held attempt (by pk): ``RUN`` while it is still the alarm's published attempt, ``DROP`` once
+    it is not (cancelled, rescheduled, answered as lost, removed), ``WAIT`` while another transaction holds the
+    row (a cancel or reschedule not yet committed: its outcome decides). One short transaction."""
+    pks = [ref.pk for ref in refs]
+    with db.atomic():
+        rows = {
+            pk: (state, attempt, deadline)
+            for pk, state, attempt, deadline in Alarm.objects.filter(pk__in=pks)
+            .select_for_update(skip_locked=True)
+            .values_list("pk", "state", "attempt", "deadline")
+        }
+    missing = [pk for pk in pks if pk not in rows]
+    locked = set(Alarm.objects.filter(pk__in=missing).values_list("pk", flat=True)) if missing else set()
+    verdicts = {}
+    for ref in refs:
+        row = rows.get(ref.pk)
+        if row is None:
+            verdicts[ref.pk] = WAIT if ref.pk in locked else DROP
+        else:
+            current = row == (states.PUBLISHED, ref.attempt, ref.deadline)
+            verdicts[ref.pk] = RUN if current else DROP
+    return verdicts
 
 
 def restart(scheduller: str, message_id: str, dispatch_at: dt.datetime, now: dt.datetime) -> bool:

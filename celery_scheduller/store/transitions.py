@@ -149,11 +149,18 @@ REDECIDE = Transition(
 CANCEL = Transition(
     "cancel", ("id",), (("deadline", NULL), ("finished_at", NOW), ("updated_at", NOW)), removes_without_history=True
 )
+#: a published alarm is moved only while a worker holds it ahead of its time (more than ``states.HANDOVER_MS``
+#: before it): back to pending, its next claim a new attempt; the held one is dropped by the worker (``guard``)
 RESCHEDULE = Transition(
     "reschedule",
     (),
-    (("dispatch_at", Given("dispatch_at", "timestamptz")), ("updated_at", NOW)),
-    takes="the Scheduller's alarm of that message id",
+    (
+        ("dispatch_at", Given("dispatch_at", "timestamptz")),
+        ("deadline", NULL),
+        ("published_at", NULL),
+        ("updated_at", NOW),
+    ),
+    takes="the Scheduller's alarm of that message id; published: due more than HANDOVER_MS later",
 )
 RESTART = Transition(
     "restart",

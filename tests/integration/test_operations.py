@@ -353,6 +353,6 @@ def test_cancel_waits_for_a_claim_under_way_and_revokes_what_it_published():
     cancelled, ahead = store.cancel("tests", timezone.now(), True, message_ids=["raced"])
     waited = time.monotonic() - started
     thread.join()
-    assert cancelled == ["raced"] and ahead == [("raced", 1)]
+    assert cancelled == ["raced"] and ahead == [("raced", 1, Alarm.objects.get(message_id="raced").pk)]
     assert waited > 0.5 or main_connection.vendor == "sqlite"  # it waited for the claim to commit
     assert Alarm.objects.get(message_id="raced").state == states.CANCELLED

@@ -257,11 +257,10 @@ def test_a_forged_task_id_on_the_hard_time_limit_path_does_not_answer_the_real_a
     scheduler = beat()
     run_beat(scheduler, lambda: Run.objects.filter(message_id=U("real")).exists(), 15, "the real task to start")
     # a message with the real delivery's task id and no header, which hits its hard time limit
-    app.send_task("testapp.hang", task_id=U("real") + "#1", kwargs={})
+    task_id = f"{U('real')}#1.{Alarm.objects.get(message_id=U('real')).pk}"
+    app.send_task("testapp.hang", task_id=task_id, kwargs={})
     # and one with a header this project did not sign
-    app.send_task(
-        "testapp.record", task_id=U("real") + "#1", kwargs={}, headers={"celery_scheduller": "0" * 32 + ".{}"}
-    )
+    app.send_task("testapp.record", task_id=task_id, kwargs={}, headers={"celery_scheduller": "0" * 32 + ".{}"})
     wait_for(lambda: Run.objects.filter(task="hang").exists(), 10, "the forged task to run")
     answer = run_beat(scheduler, lambda: Answer.objects.filter(message_id=U("real")).first(), 15, "the real answer")
     assert (answer.status, answer.value) == ("ok", "slept")  # not a fake TimeLimitExceeded

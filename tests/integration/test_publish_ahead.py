@@ -64,10 +64,11 @@ def test_cancel_names_the_attempts_published_ahead_of_their_time():
         alarms.dispatch(Message.new("testapp.record", id=message_id), "agg", at=at, now=NOW)
     store.claim_due(["tests"], NOW, 100, until=NOW + dt.timedelta(seconds=1))
 
+    pk = Alarm.objects.get(message_id="ahead").pk
     cancelled, ahead = store.cancel("tests", NOW, False, aggregate_id="agg")
 
     assert sorted(cancelled) == ["ahead", "ran", "waiting"]
-    assert ahead == [("ahead", 1)]  # "ran" was due (a worker may run it), "waiting" never published
+    assert ahead == [("ahead", 1, pk)]  # "ran" was due (a worker may run it), "waiting" never published
     assert not Alarm.objects.exists()
 
 
@@ -144,7 +145,7 @@ def test_a_cancel_whose_revoke_cannot_reach_the_broker_still_stands(caplog):
 
     assert not on_schedule("unrevoked")  # cancelled (kept as history by the test settings)
     warned = [record for record in caplog.records if getattr(record, "action", None) == "revoke_failed"]
-    assert len(warned) == 1 and "could not revoke 1 cancelled alarms" in warned[0].getMessage()
+    assert len(warned) == 1 and "could not revoke 1 alarms published ahead" in warned[0].getMessage()
 
 
 def _held_by_workers() -> bool:

@@ -11,7 +11,8 @@ from .models import Answer
 
 
 class TestAlarms(Scheduller):
-    """Retries while ``assigns["retries_left"]`` > 0 (``assigns["retry_ms"]`` later), then says OK, or
+    """Retries while ``assigns["retries_left"]`` > 0 (``assigns["retry_ms"]`` later; with
+    ``assigns["retry_errors_only"]`` only an error or timeout is retried), then says OK, or
     ``Fail(assigns["fail_reason"])`` when one is given.
 
     On a retry the message's ``raw_request`` gains ``try`` (the try number), so tests see the
@@ -26,7 +27,7 @@ class TestAlarms(Scheduller):
         response = message.response
         assert response is not None
         decision: Any = OK
-        if left > 0:
+        if left > 0 and not (message.assigns.get("retry_errors_only") and response.status == "ok"):
             tries = message.assigns.get("tries", 0) + 1
             modified = Message.new(
                 message.service_name,
