@@ -324,6 +324,30 @@ class Bench:
         _wait(lambda: log.exists() and "beat: Starting" in log.read_text(), 60, f"beat of {run} did not start")
         return proc
 
+    def idle(self, seconds: float) -> Result:
+        """Beat with nothing due for a long while (one alarm due in an hour): the CPU it spends waiting."""
+        from bench.alarms import BenchAlarms
+        from celery_scheduller import Message
+
+        self.runs += 1
+        run = f"r{self.runs}"
+        workload = f"idle {seconds:g} s (one alarm due in an hour)"
+        print(f"· {workload}: {OURS}", flush=True)
+        self.reset()
+        BenchAlarms().dispatch(Message.new("bench.hit", {"run": run, "n": 0, "due": 0}), run, in_ms=3_600_000)
+        beat = self.beat(run, OURS)
+        try:
+            time.sleep(5)  # started: its first window loaded
+            beat.mark()
+            time.sleep(seconds)
+            cpu, rss = beat.used()
+        finally:
+            beat.stop()
+        result = Result(workload, OURS, 0, beat_cpu=cpu, beat_rss=rss)
+        result.note = f"{100 * cpu / seconds:.2f} % of one core"
+        print(f"  {json.dumps(result.row())}", flush=True)
+        return result
+
     # -- scheduling ---------------------------------------------------------------------------------
 
     def schedule(self, system: str, run: str, dues: list[float]) -> None:
@@ -823,7 +847,8 @@ def main() -> None:
     parser.add_argument("--beats", default="1,2,3", help="beat counts for the scaling run; empty to skip")
     parser.add_argument("--rolling-seconds", type=float, default=60)
     parser.add_argument("--ahead", type=float, default=10, help="rolling: seconds each alarm is scheduled ahead")
-    parser.add_argument("--workloads", default="steady,burst,pending,beats,rolling")
+    parser.add_argument("--workloads", default="steady,burst,pending,beats,rolling,idle")
+    parser.add_argument("--idle-seconds", type=float, default=120, help="idle: how long beat is watched")
     parser.add_argument("--systems", default=f"{OURS},{ETA},{DCB}")
     parser.add_argument(
         "--workers", type=int, default=1, help="worker processes per run (each -P threads -c 8); labels say so"
@@ -910,6 +935,8 @@ def main() -> None:
             results.append(
                 bench.run(f"burst {args.burst * 2:,} in 1 s", OURS, burst(args.burst * 2), beats=beats, capped=False)
             )
+    if "idle" in workloads and OURS in systems:
+        results.append(bench.idle(args.idle_seconds))
     if "rolling" in workloads:
         each(
             f"rolling {args.rate:g}/s × {args.rolling_seconds:g} s, each scheduled {args.ahead:g} s ahead",

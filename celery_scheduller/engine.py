@@ -38,6 +38,12 @@ LISTEN_INTERVAL = 0.1
 #: batches of about CLAIM_BATCH alarms, at most every MAX_CLAIM_GAP and at least MIN_CLAIM_GAP apart.
 MAX_CLAIM_GAP = 0.02
 MIN_CLAIM_GAP = 0.005
+#: Publishing ahead, a claim takes everything due within the lead, so claims can be further apart: at most a
+#: quarter of the lead and AHEAD_CLAIM_GAP (each alarm still goes out at least 3/4 of the lead ahead), in
+#: batches of up to half of BATCH_SIZE. Beat's fixed cost per claim is then spread over many alarms at low
+#: rates too. An alarm due sooner than half the lead (dispatched for now, a quick retry) is claimed within
+#: MAX_CLAIM_GAP.
+AHEAD_CLAIM_GAP = 0.25
 CLAIM_BATCH = 10
 #: Seconds between looks at the number in flight while MAX_IN_FLIGHT holds claims back.
 THROTTLE_PAUSE = 0.05
@@ -57,6 +63,14 @@ ROOM_RECOUNT = 1.0
 #: row below it (a retry a worker wrote, an attempt another beat released) is the poll's, as it always
 #: was. Releasing claims of its own starts beat from the beginning again.
 FLOOR_MARGIN = 1.0
+
+
+def claim_pacing(ahead: float, batch_size: int) -> tuple[int, float]:
+    """How many alarms a claim of held alarms aims at, and the longest gap between claims, for a lead of
+    ``ahead`` seconds (``AHEAD_CLAIM_GAP``)."""
+    if ahead <= 0:
+        return CLAIM_BATCH, MAX_CLAIM_GAP
+    return max(CLAIM_BATCH, batch_size // 2), max(MAX_CLAIM_GAP, min(ahead / 4, AHEAD_CLAIM_GAP))
 
 
 def _check_header_size(headers: dict[str, str], limit: int | None) -> None:
@@ -130,7 +144,9 @@ class AlarmEngine:
         # claim after the pause takes them: each look counts every attempt in flight)
         waited = self._throttled and now >= self._claimed_at + THROTTLE_PAUSE
         earliest = self.heap.next_due()  # of what pops now, if anything does
-        popped = bool(self.heap.pop_due(now + ahead))
+        next_claim = self._next_claim(ahead)
+        # publishing ahead, held alarms wait for their claim's time (the pacing above); else any tick takes them
+        popped = (ahead <= 0 or (next_claim is not None and now >= next_claim)) and bool(self.heap.pop_due(now + ahead))
         if popped and earliest is not None:
             self._lower_floor(to_datetime(earliest))
         if (popped and not self._throttled) or polling or self._backlog or waited:
@@ -168,7 +184,12 @@ class AlarmEngine:
         most every ``_claim_gap`` so a stream of due times is published in batches rather than one claim
         per alarm."""
         due = self.heap.next_due()
-        return None if due is None else max(due - ahead, self._claimed_at + self._claim_gap)
+        if due is None:
+            return None
+        at = max(due - ahead, self._claimed_at + self._claim_gap)
+        if ahead > 0 and at > due - ahead / 2:  # the long gap would leave it less than half the lead
+            at = max(due - ahead, self._claimed_at + min(self._claim_gap, MAX_CLAIM_GAP))
+        return at
 
     def _hold_announced(self, names: Sequence[str]) -> None:
         """Hold alarms dispatched (by any process) into windows already loaded, as their owners announced.
@@ -259,7 +280,8 @@ class AlarmEngine:
         limit = settings.integer("BATCH_SIZE")
         started = time.perf_counter()
         self._throttled = False
-        self._claim_gap = MAX_CLAIM_GAP  # nothing claimed: as for a slow stream
+        per_claim, longest = claim_pacing(ahead, limit)
+        self._claim_gap = longest  # nothing claimed: as for a slow stream
         cap = settings.max_in_flight()
         capped = False
         if cap is None:
@@ -279,7 +301,7 @@ class AlarmEngine:
         taken_until = rows[-1]["dispatch_at"] if rows and len(rows) >= limit else until
         self._floor = taken_until - dt.timedelta(seconds=FLOOR_MARGIN)
         elapsed = now.timestamp() - self._claimed_at
-        self._claim_gap = claim_gap(len(rows), elapsed, CLAIM_BATCH, MIN_CLAIM_GAP, MAX_CLAIM_GAP)
+        self._claim_gap = claim_gap(len(rows), elapsed, per_claim, MIN_CLAIM_GAP, longest)
         if not rows:
             return False
         claimed = time.perf_counter()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,10 +32,13 @@ logger = logging.getLogger("celery_scheduller")
 
 #: Seconds within which a raised prefetch count smaller than half a window is applied.
 SETTLE = 0.02
-#: Seconds before its due time a held alarm delivery is looked up (half of ``states.HANDOVER_MS``: the rest is
-#: room for clocks apart and statements under way), within ``BATCH`` seconds of others, to share their lookup.
+#: Seconds before its due time a held alarm delivery is looked up: between LOOK_AHEAD and LOOK_AHEAD + SLOT,
+#: with every delivery whose look falls in the same SLOT (one lookup for them all). Less than
+#: ``states.HANDOVER_MS``: the rest is room for clocks apart and statements under way.
 LOOK_AHEAD = 0.05
-BATCH = 0.005
+SLOT = 0.02
+#: The most verdicts kept for held tasks not yet due (far more than a lead holds at any rate a worker runs).
+MAX_DECIDED = 100_000
 #: Seconds between looks at a due alarm delivery whose row another transaction holds, or whose look failed.
 RECHECK = 0.01
 
@@ -87,19 +91,19 @@ class Guard:
     published attempt, so a ``cancel`` or ``reschedule`` committed before then holds even where its revoke did
     not reach this worker (restarted since, or handed the task again by the broker).
 
-    The last look is taken ``LOOK_AHEAD`` before the due time, off the due time's path: deliveries looked at
-    within ``BATCH`` of one another share one short transaction, and at the due time the task is handed on
-    at once. A delivery received later than that, whose row another transaction holds (a cancel not yet
-    committed: its outcome decides), or whose look failed, is looked at again when due and every ``RECHECK``
-    until it is decided or its deadline passes (then beat answers the attempt as lost); it is never run
-    unchecked."""
+    The last look is taken 50 to 70 ms before the due time (``LOOK_AHEAD``, ``SLOT``), off the due time's
+    path: deliveries whose looks fall in the same 20 ms share one short transaction, and at the due time the
+    task is handed on at once. A delivery received later than that, whose row another transaction holds (a
+    cancel not yet committed: its outcome decides), or whose look failed, is looked at again when due and
+    every ``RECHECK`` until it is decided or its deadline passes (then beat answers the attempt as lost); it
+    is never run unchecked."""
 
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
         self.decided: dict[str, str] = {}  # task id -> the verdict of the look ahead (RUN or DROP)
-        self.to_look: list[tuple[Any, Any]] = []  # (request, attempt) to look at ahead
+        self.slots: dict[float, list[tuple[Any, Any]]] = {}  # look time -> (request, attempt) to look at then
         self.waiting: list[tuple[Callable[..., Any], Any, tuple[Any, ...], Any]] = []  # due, not yet decided
-        self.looking = self.rechecking = False
+        self.rechecking = False
 
     # -- ahead of the due time -----------------------------------------------------------------------------
 
@@ -110,20 +114,25 @@ class Guard:
         if hub is None or due_in is None or due_in <= LOOK_AHEAD:
             return  # no event loop, no eta, or due too soon: looked at when due
         ref = _held_attempt(request)
-        if ref is not None:  # the attempt first: ``inspect scheduled`` lists entries whose first argument is a request
-            hub.call_later(due_in - LOOK_AHEAD, self._look_ahead, ref, request)
+        if ref is None:
+            return
+        now = time.time()
+        slot = (now + due_in - LOOK_AHEAD) // SLOT * SLOT  # LOOK_AHEAD to LOOK_AHEAD + SLOT before it is due
+        if slot not in self.slots:
+            self.slots[slot] = []
+            # the slot first: ``inspect scheduled`` lists the timer's entries whose first argument is a request
+            hub.call_later(max(0.0, slot - now), self._look, slot)
+        self.slots[slot].append((request, ref))
 
-    def _look_ahead(self, ref: Any, request: Any) -> None:
-        self.to_look.append((request, ref))
-        if not self.looking:
-            self.looking = True
-            self.consumer.hub.call_later(BATCH, self._look)
-
-    def _look(self) -> None:
+    def _look(self, slot: float) -> None:
         from .store import orm
 
-        self.looking = False
-        batch, self.to_look = self.to_look, []
+        batch = self.slots.pop(slot, [])
+        if not batch:
+            return
+        if len(self.decided) > MAX_DECIDED:  # verdicts of tasks never handed on (their timer cancelled on a
+            for task_id in list(self.decided)[: MAX_DECIDED // 2]:  # lost connection: redelivered): the oldest
+                del self.decided[task_id]
         verdicts = self._verdicts([ref for _, ref in batch])
         for request, ref in batch:
             verdict = verdicts.get(ref.pk, orm.WAIT)
