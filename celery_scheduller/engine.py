@@ -32,7 +32,9 @@ from .wire import AttemptRef, header_of
 logger = logging.getLogger("celery_scheduller")
 
 
-#: Seconds between reads of the LISTEN connection: how soon an alarm dispatched already due is noticed.
+#: Seconds between reads of the LISTEN connection, where beat cannot sleep on it (``Engine.listens_while_idle``
+#: False): how soon an alarm dispatched already due is noticed. Beat's loop (``AlarmScheduler``) sleeps on the
+#: connection instead, woken by the announcement itself.
 LISTEN_INTERVAL = 0.1
 #: Seconds between two claims of held alarms (``planning.claim_gap``): a stream of due times is claimed in
 #: batches of about CLAIM_BATCH alarms, at most every MAX_CLAIM_GAP and at least MIN_CLAIM_GAP apart.
@@ -104,6 +106,8 @@ class AlarmEngine:
     ) -> None:
         self.app = app
         self.listener = listener or listener_module.Listener()
+        #: set by a loop that sleeps on ``listener.wait`` between ticks: no wakeups just to read it
+        self.listens_while_idle = False
         self._names = names
         # read while publishing a batch, to stop before the rest of it would go out half expired
         self._clock = clock or time.time
@@ -164,7 +168,7 @@ class AlarmEngine:
             return 0.0
         return next_wakeup(
             now,
-            now + LISTEN_INTERVAL if self.listener.available else None,
+            now + LISTEN_INTERVAL if self.listener.available and not self.listens_while_idle else None,
             self._claimed_at + THROTTLE_PAUSE if self._throttled else self._next_claim(ahead),
             self.next_poll_at,
             self.next_record_at,

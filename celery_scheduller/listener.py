@@ -38,6 +38,27 @@ class Listener:
             self.close()
             return []
 
+    @property
+    def waitable(self) -> bool:
+        """Whether ``wait`` can sleep until an announcement arrives (connected)."""
+        return self.available and self._conn is not None
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until an announcement arrives or ``timeout`` seconds pass; True when one arrived (read it
+        with ``due``). Without a connection, a plain sleep."""
+        import select
+        import time
+
+        conn = self._conn
+        if conn is None:
+            time.sleep(timeout)
+            return False
+        try:
+            readable, _, _ = select.select([conn.fileno()], [], [], timeout)
+        except (OSError, ValueError):  # closed meanwhile: ``due`` reconnects
+            return True
+        return bool(readable)
+
     def _connect(self) -> None:
         from django.db import connections
 

@@ -19,14 +19,16 @@ Celery release moved them). The measurements behind them are in the docs (benchm
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps
 
-from . import compat, db
+from . import compat, db, writer
 
 logger = logging.getLogger("celery_scheduller")
 
@@ -37,6 +39,17 @@ SETTLE = 0.02
 #: ``states.HANDOVER_MS``: the rest is room for clocks apart and statements under way.
 LOOK_AHEAD = 0.05
 SLOT = 0.02
+#: A look waits, at most LOOK_WIGGLE seconds (so 40 to 70 ms before the due times it decides), for a moment
+#: when no held alarm comes due within LOOK_ROOM seconds: its lookup then does not delay one.
+LOOK_WIGGLE = 0.01
+LOOK_ROOM = 0.002
+#: Seconds after a due time by which its task has been handed on (``wait_for_quiet`` waits that long past it).
+PAST = 0.001
+#: Seconds a response writer's store keeps the process busy (its Python side holds the GIL): in a worker whose
+#: tasks run in the process that holds alarms for their time (``-P threads``), a store waits for a gap this
+#: long before the next held alarm's due time, at most MAX_QUIET_WAIT, so it does not delay that alarm.
+WRITE_ROOM = 0.003
+MAX_QUIET_WAIT = 0.05
 #: The most verdicts kept for held tasks not yet due (far more than a lead holds at any rate a worker runs).
 MAX_DECIDED = 100_000
 #: Seconds between looks at a due alarm delivery whose row another transaction holds, or whose look failed.
@@ -91,12 +104,12 @@ class Guard:
     published attempt, so a ``cancel`` or ``reschedule`` committed before then holds even where its revoke did
     not reach this worker (restarted since, or handed the task again by the broker).
 
-    The last look is taken 50 to 70 ms before the due time (``LOOK_AHEAD``, ``SLOT``), off the due time's
-    path: deliveries whose looks fall in the same 20 ms share one short transaction, and at the due time the
-    task is handed on at once. A delivery received later than that, whose row another transaction holds (a
-    cancel not yet committed: its outcome decides), or whose look failed, is looked at again when due and
-    every ``RECHECK`` until it is decided or its deadline passes (then beat answers the attempt as lost); it
-    is never run unchecked."""
+    The last look is taken 40 to 70 ms before the due time (``LOOK_AHEAD``, ``SLOT``, ``LOOK_WIGGLE``), off
+    the due time's path and between due times: deliveries whose looks fall in the same 20 ms share one short
+    transaction, and at the due time the task is handed on at once. A delivery received later than that,
+    whose row another transaction holds (a cancel not yet committed: its outcome decides), or whose look
+    failed, is looked at again when due and every ``RECHECK`` until it is decided or its deadline passes
+    (then beat answers the attempt as lost); it is never run unchecked."""
 
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
@@ -117,6 +130,7 @@ class Guard:
         if ref is None:
             return
         now = time.time()
+        due_times.add(now + due_in, now)
         slot = (now + due_in - LOOK_AHEAD) // SLOT * SLOT  # LOOK_AHEAD to LOOK_AHEAD + SLOT before it is due
         if slot not in self.slots:
             self.slots[slot] = []
@@ -124,9 +138,13 @@ class Guard:
             hub.call_later(max(0.0, slot - now), self._look, slot)
         self.slots[slot].append((request, ref))
 
-    def _look(self, slot: float) -> None:
+    def _look(self, slot: float, waited: float = 0.0) -> None:
         from .store import orm
 
+        pause = min(quiet_delay(LOOK_ROOM), LOOK_WIGGLE - waited)
+        if pause > 0 and slot in self.slots:  # a held alarm comes due meanwhile: look just after it
+            self.consumer.hub.call_later(pause, self._look, slot, waited + pause)
+            return
         batch = self.slots.pop(slot, [])
         if not batch:
             return
@@ -143,14 +161,17 @@ class Guard:
 
     def wrap(self, on_due: Callable[..., Any]) -> Callable[..., Any]:
         """``on_due`` that drops the fired timer entry and lets an alarm delivery through the guard."""
+        from .store import orm
 
         @functools.wraps(on_due)
         def guarded(request: Any, *args: Any) -> Any:
             compat.drop_timer_entry(request)
             verdict = self.decided.pop(str(getattr(request, "id", "")), None)
-            if verdict is not None:
-                return self._hand_on(on_due, request, args, verdict, _held_attempt(request))
+            if verdict == orm.RUN:
+                return on_due(request, *args)
             ref = _held_attempt(request)
+            if verdict is not None:
+                return self._hand_on(on_due, request, args, verdict, ref)
             if ref is None:
                 return on_due(request, *args)
             self.waiting.append((on_due, request, args, ref))
@@ -209,6 +230,56 @@ class Guard:
             return {}
 
 
+class DueTimes:
+    """The due times of the alarm deliveries this process holds (a heap, epoch seconds), for work that can
+    wait to stay out of their way (``wait_for_quiet``). Pushed and popped by the event loop, read by others."""
+
+    def __init__(self) -> None:
+        self._heap: list[float] = []
+        self._lock = threading.Lock()
+
+    def add(self, due: float, now: float) -> None:
+        with self._lock:
+            while self._heap and self._heap[0] < now - PAST:
+                heapq.heappop(self._heap)
+            heapq.heappush(self._heap, due)
+
+    def next_after(self, now: float) -> float | None:
+        """The earliest held due time not yet past (dropping the past ones)."""
+        with self._lock:
+            while self._heap and self._heap[0] < now - PAST:
+                heapq.heappop(self._heap)
+            return self._heap[0] if self._heap else None
+
+
+#: This process's held due times (filled only where a ``Guard`` runs).
+due_times = DueTimes()
+
+
+def quiet_delay(room: float) -> float:
+    """Seconds until the process is clear of held alarms for ``room`` seconds: 0 when none comes due within
+    ``room``, else just past the one that does."""
+    now = time.time()
+    due = due_times.next_after(now)
+    if due is None or due - now >= room:
+        return 0.0
+    return max(due - now, 0.0) + PAST
+
+
+def wait_for_quiet(room: float, longest: float) -> None:
+    """Sleep until no held alarm of this process comes due within ``room`` seconds, at most ``longest``
+    seconds: work that holds the interpreter (a response writer's store) then runs between due times."""
+    if not _guard:
+        return
+    waited = 0.0
+    while waited < longest:
+        pause = min(quiet_delay(room), longest - waited)
+        if pause <= 0:
+            return
+        time.sleep(pause)
+        waited += pause
+
+
 #: The one ``Guard`` of this worker process (its consumer's), once the consumer is built.
 _guard: list[Guard] = []
 
@@ -239,6 +310,7 @@ class GuardHeldAlarms(bootsteps.Step):
         # Built with the consumer, before its Tasks step reads these callbacks into each task's strategy.
         guard = Guard(parent)
         _guard[:] = [guard]
+        writer.default.before_store = functools.partial(wait_for_quiet, WRITE_ROOM, MAX_QUIET_WAIT)
         for name in compat.eta_callbacks(parent):
             setattr(parent, name, guard.wrap(getattr(parent, name)))
 

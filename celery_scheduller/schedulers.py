@@ -16,6 +16,8 @@ logger = logging.getLogger("celery_scheduller")
 
 #: Seconds to wait after a database or broker error before the alarm side tries again.
 ERROR_PAUSE = 1.0
+#: The sleep ``tick`` returns after it slept on the LISTEN connection itself (beat's loop syncs after a sleep).
+IDLE_WAKE = 0.001
 
 
 def _ensure_django() -> None:
@@ -82,7 +84,19 @@ class AlarmSide:
         """Run due alarms, then one periodic entry; return the seconds to sleep."""
         alarm_delay = self.tick_alarms(self.alarm_clock.now())
         periodic_delay: float = super().tick(*args, **kwargs)  # type: ignore[misc]
-        return max(0.0, min(alarm_delay, periodic_delay))
+        delay = max(0.0, min(alarm_delay, periodic_delay))
+        return self._sleep_listening(delay)
+
+    def _sleep_listening(self, delay: float) -> float:
+        """Beat's loop sleeps what ``tick`` returns. With a LISTEN connection, sleep on it here instead, and
+        wake when an alarm is announced (an idle beat wakes only for its polls, not to look for announcements);
+        return a token sleep, after which beat's loop syncs its periodic schedule as after any sleep."""
+        listener = self.alarm_engine.listener
+        self.alarm_engine.listens_while_idle = listener.waitable
+        if delay <= IDLE_WAKE or not listener.waitable:
+            return delay
+        listener.wait(delay - IDLE_WAKE)
+        return IDLE_WAKE
 
     def tick_alarms(self, now: float) -> float:
         """The alarm side of one tick at ``now`` (database time, epoch seconds); errors are logged and

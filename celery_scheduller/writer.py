@@ -7,7 +7,9 @@ Why a thread of its own:
   prefork and Django's pool it closes the pool), so a write from the task itself reconnects per task;
   the writer's connection belongs to the writer's thread, which the fixup never touches, and lives as
   long as the worker process (its statements stay prepared).
-- The task thread hands the decision over and returns to Celery at once. The writer waits
+- The task thread hands the decision over and returns to Celery at once. Where the tasks run in the process
+  that holds alarms until their time (``-P threads``), a store waits for a gap between their due times
+  (``before_store``, set by ``prefetch``), so the process is free when each comes due. The writer waits
   ``RESPONSE_BATCH_WAIT`` (50 ms) after a decision and stores it with those that came meanwhile
   (``responses.store_many``: on PostgreSQL every ``Retry`` in one statement, and every ``OK`` in another
   without history): a busy worker spends less than one round trip and one thread wake-up per task.
@@ -27,7 +29,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -51,6 +53,8 @@ class ResponseWriter:
         self._pid: int | None = None
         self._queue: queue.SimpleQueue[Decided | threading.Event] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        #: called (in the writer's thread) before each store; the worker's guard sets it (``prefetch``)
+        self.before_store: Callable[[], None] | None = None
 
     def submit(self, decided: Decided) -> None:
         """Queue ``decided`` for storing; returns at once."""
@@ -107,6 +111,8 @@ class ResponseWriter:
                     break
             decisions = [item for item in batch if not isinstance(item, threading.Event)]
             if decisions:
+                if not stops and self.before_store is not None:
+                    self.before_store()  # the worker's: not as a held alarm comes due
                 self._store(decisions)
             for item in batch:
                 if isinstance(item, _Stop):

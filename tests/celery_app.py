@@ -14,3 +14,10 @@ app.autodiscover_tasks()  # every installed app, as a project does
 
 if os.environ.get("CSCHED_WORKER_TASKS"):  # the test worker: a task beat and the test process do not know
     app.conf.imports = ("tests.testapp.worker_tasks",)
+
+if os.environ.get("CSCHED_STOCK_CONSUMER"):  # a worker whose consumer is Celery's own: none of the package's steps
+    import django
+    from celery import signals
+
+    django.setup()  # the package's app connects its receivers in ready(): take this one out before worker_init
+    signals.worker_init.disconnect(dispatch_uid="celery_scheduller.prompt_prefetch")

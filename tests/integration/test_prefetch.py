@@ -1,6 +1,6 @@
 """A worker of a project that publishes ahead takes tasks held for their ``eta`` in as they arrive
 (``prefetch.PromptPrefetch``), on RabbitMQ, where Celery's own worker takes them in a window at a time
-with pauses of seconds between; and frees each when it has run (``prefetch.ReleaseTimerEntries``), where
+with pauses of seconds between; and frees each when it has run (``prefetch.GuardHeldAlarms``), where
 Celery's own worker leaves it to the garbage collector's full pass."""
 
 from __future__ import annotations
@@ -77,7 +77,11 @@ def test_a_task_held_for_its_eta_is_freed_when_it_has_run_not_by_the_garbage_col
         tmp_path / "worker.log",
         *("-P", "threads", "-c", "1", "--prefetch-multiplier", str(2 * HELD)),
         *("-Q", queue, "-n", f"csched-freed-{os.getpid()}-{publish_ahead}@%h"),
-        env={"CSCHED_PUBLISH_AHEAD": str(publish_ahead), "CSCHED_TRACK_REQUESTS": "1"},
+        env={
+            "CSCHED_PUBLISH_AHEAD": str(publish_ahead),
+            "CSCHED_TRACK_REQUESTS": "1",
+            **({} if publish_ahead else {"CSCHED_STOCK_CONSUMER": "1"}),
+        },
     )
     try:
         eta = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
@@ -95,7 +99,7 @@ def test_a_task_held_for_its_eta_is_freed_when_it_has_run_not_by_the_garbage_col
         assert census["collector"] == 0 and census["refcount"] >= HELD - 1, census
     elif hasattr(Request, "_eta_timer_entry"):
         # Celery's own worker (5.7 on): every held request in a cycle with its timer entry. If this fails,
-        # Celery no longer makes the cycle and prefetch.ReleaseTimerEntries can go.
+        # Celery no longer makes the cycle and prefetch.GuardHeldAlarms need not drop the entries.
         assert census["collector"] >= HELD - 1 and census["refcount"] <= 1, census
     else:
         assert census["collector"] == 0, census  # Celery 5.5 keeps no timer entry on the request
