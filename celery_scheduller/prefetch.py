@@ -124,13 +124,15 @@ class Guard:
         """A task the worker took in: a held alarm delivery gets its look ``LOOK_AHEAD`` before it is due."""
         hub = getattr(self.consumer, "hub", None)
         due_in = compat.seconds_to_eta(request)
-        if hub is None or due_in is None or due_in <= LOOK_AHEAD:
-            return  # no event loop, no eta, or due too soon: looked at when due
+        if hub is None or due_in is None or due_in <= 0:
+            return  # no event loop, no eta, or due already: looked at when due
         ref = _held_attempt(request)
         if ref is None:
             return
         now = time.time()
         due_times.add(now + due_in, now)
+        if due_in <= LOOK_AHEAD:
+            return  # due too soon: looked at when due
         slot = (now + due_in - LOOK_AHEAD) // SLOT * SLOT  # LOOK_AHEAD to LOOK_AHEAD + SLOT before it is due
         if slot not in self.slots:
             self.slots[slot] = []

@@ -162,6 +162,31 @@ def test_the_claim_gap_batches_a_fast_stream_and_waits_longest_for_a_slow_one(be
     assert beat._claim_gap >= engine_module.MIN_CLAIM_GAP
 
 
+def test_publishing_ahead_claims_a_stream_every_quarter_lead_and_a_soon_due_alarm_within_the_short_gap(
+    beat, memory, clock, settings
+):
+    settings.CELERY_SCHEDULLER_PUBLISH_AHEAD = 1_000
+    settings.CELERY_SCHEDULLER_BATCH_SIZE = 500
+    assert engine_module.claim_pacing(1.0, 500) == (250, engine_module.AHEAD_CLAIM_GAP)
+    assert engine_module.claim_pacing(0.04, 500) == (250, engine_module.MAX_CLAIM_GAP)  # a short lead: no longer
+    assert engine_module.claim_pacing(0.0, 500) == (engine_module.CLAIM_BATCH, engine_module.MAX_CLAIM_GAP)
+    for n in range(400):
+        memory.add(f"s-{n:03}", at(1.0 + n * 0.01))  # 100 a second from 1.0 s on
+    tick(beat, clock, 0.0)  # the poll claims everything due within the lead
+    assert sent_ids(beat) == ["s-000"]
+    wake = tick(beat, clock, 0.1)  # held alarms wait for the gap, however often beat wakes
+    assert sent_ids(beat) == ["s-000"]
+    assert wake == pytest.approx(engine_module.AHEAD_CLAIM_GAP - 0.1)
+    tick(beat, clock, engine_module.AHEAD_CLAIM_GAP)
+    sent = sent_ids(beat)
+    assert sent[-1] == "s-025" and len(sent) == 26  # everything due by 1.25 s: at least 3/4 of the lead ahead
+    memory.add("now", at(0.26))  # dispatched for now (announced): it does not wait for the long gap
+    beat.heap.push("now", T0 + 0.26)
+    assert tick(beat, clock, 0.26) == pytest.approx(engine_module.MAX_CLAIM_GAP - 0.01)
+    tick(beat, clock, 0.27)
+    assert "now" in sent_ids(beat)
+
+
 def test_the_cap_holds_claims_back_and_the_throttle_looks_again_after_a_pause(beat, memory, clock, settings):
     settings.CELERY_SCHEDULLER_MAX_IN_FLIGHT = 4
     for n in range(6):

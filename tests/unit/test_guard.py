@@ -1,0 +1,130 @@
+"""The worker's guard of held alarm deliveries (``prefetch.Guard``), with a fake event loop and verdicts given
+by the test (no services): when it looks, what it does with each verdict, and the due times it keeps."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+import pytest
+
+from celery_scheduller import prefetch
+from celery_scheduller.store import orm
+
+
+class Hub:
+    """Records ``call_later`` and ``call_soon``; the test runs them."""
+
+    def __init__(self) -> None:
+        self.later: list[tuple[float, Any, tuple[Any, ...]]] = []
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> None:
+        self.later.append((delay, callback, args))
+
+    def run_all(self) -> None:
+        pending, self.later = self.later, []
+        for _delay, callback, args in pending:
+            callback(*args)
+
+
+class Consumer:
+    def __init__(self) -> None:
+        self.hub = Hub()
+
+
+class Ref:
+    def __init__(self, pk: int, deadline: dt.datetime) -> None:
+        self.pk, self.message_id, self.attempt, self.deadline = pk, f"m{pk}", 1, deadline
+
+
+class Request:
+    def __init__(self, pk: int, due_in: float) -> None:
+        self.id = f"m{pk}#1.{pk}"
+        self.eta = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=due_in)
+        self.ref = Ref(pk, self.eta + dt.timedelta(seconds=5))
+
+
+@pytest.fixture
+def guard(monkeypatch):
+    monkeypatch.setattr(prefetch, "_held_attempt", lambda request: getattr(request, "ref", None))
+    revoked: list[str] = []
+    monkeypatch.setattr(prefetch.compat, "mark_revoked", lambda request: revoked.append(request.id))
+    looked: list[list[int]] = []
+    verdicts: dict[int, str] = {}
+
+    def held_verdicts(refs: list[Ref]) -> dict[int, str]:
+        looked.append([ref.pk for ref in refs])
+        return {ref.pk: verdicts[ref.pk] for ref in refs if ref.pk in verdicts}
+
+    monkeypatch.setattr("celery_scheduller.store.held_verdicts", held_verdicts)
+    made = prefetch.Guard(Consumer())
+    made.revoked, made.looked, made.verdicts = revoked, looked, verdicts  # type: ignore[attr-defined]
+    monkeypatch.setattr(prefetch, "_guard", [made])
+    monkeypatch.setattr(prefetch, "due_times", prefetch.DueTimes())
+    return made
+
+
+def test_held_deliveries_are_looked_up_together_40_to_70_ms_before_they_are_due(guard):
+    requests = [Request(pk, due_in) for pk, due_in in ((1, 1.0), (2, 1.0001), (3, 2.0))]
+    for request in requests:
+        guard.received(request)
+    guard.received(Request(4, 0.03))  # due within the look-ahead: looked at when due, not now
+    delays = sorted(delay for delay, *_ in guard.consumer.hub.later)
+    assert len(delays) == 2  # the first two share a slot
+    assert 1.0 - prefetch.LOOK_AHEAD - prefetch.SLOT - 0.01 <= delays[0] <= 1.0 - prefetch.LOOK_AHEAD
+    guard.verdicts.update({1: orm.RUN, 2: orm.DROP, 3: orm.RUN})
+    guard.consumer.hub.run_all()
+    assert sorted(map(sorted, guard.looked)) == [[1, 2], [3]]
+    assert guard.decided == {requests[0].id: orm.RUN, requests[1].id: orm.DROP, requests[2].id: orm.RUN}
+
+
+def test_when_due_a_current_delivery_runs_a_stale_one_is_revoked_and_a_locked_one_waits(guard):
+    ran: list[str] = []
+    on_due = guard.wrap(lambda request: ran.append(request.id))
+    current, stale, locked = Request(1, -0.001), Request(2, -0.001), Request(3, -0.001)
+    guard.decided.update({current.id: orm.RUN, stale.id: orm.DROP})
+    on_due(current)
+    on_due(stale)
+    assert ran == [current.id, stale.id] and guard.revoked == [stale.id]  # Celery drops a revoked request
+    assert guard.looked == []  # decided ahead: no lookup at the due time
+
+    guard.verdicts[3] = orm.WAIT  # its row is locked by a cancel not yet committed
+    on_due(locked)
+    assert locked.id not in ran and [delay for delay, *_ in guard.consumer.hub.later] == [prefetch.RECHECK]
+    guard.verdicts[3] = orm.DROP  # the cancel committed
+    guard.consumer.hub.run_all()
+    assert locked.id in ran and guard.revoked[-1] == locked.id
+
+
+def test_a_delivery_whose_lookup_fails_is_not_run_unchecked_until_its_deadline(guard, monkeypatch):
+    def failing(refs: Any) -> dict[int, str]:
+        raise RuntimeError("the database is away")
+
+    monkeypatch.setattr("celery_scheduller.store.held_verdicts", failing)
+    monkeypatch.setattr(prefetch.db, "close_if_unusable", lambda: None)
+    ran: list[str] = []
+    on_due = guard.wrap(lambda request: ran.append(request.id))
+    request = Request(1, -0.001)
+    on_due(request)
+    assert ran == [] and len(guard.waiting) == 1
+    request.ref.deadline = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)  # its deadline passed
+    guard.consumer.hub.run_all()
+    assert ran == [request.id] and guard.revoked == [request.id]  # handed on as revoked: beat answers it lost
+
+
+def test_other_tasks_pass_through_untouched(guard):
+    ran: list[Any] = []
+    on_due = guard.wrap(lambda request, *args: ran.append((request, args)))
+    plain = object()
+    on_due(plain, "bucket")
+    assert ran == [(plain, ("bucket",))] and guard.looked == []
+
+
+def test_work_waits_for_a_gap_between_held_due_times(guard):
+    now = time.time()
+    prefetch.due_times.add(now + 0.001, now)
+    assert 0.001 <= prefetch.quiet_delay(0.003) <= 0.003  # just past the alarm due in 1 ms
+    assert prefetch.quiet_delay(0.0005) == 0.0  # room enough before it
+    prefetch.due_times.add(now - 1.0, now)  # a past one is dropped when the next is added
+    assert prefetch.due_times.next_after(now) == pytest.approx(now + 0.001)
