@@ -50,6 +50,8 @@ PAST = 0.001
 #: long before the next held alarm's due time, at most MAX_QUIET_WAIT, so it does not delay that alarm.
 WRITE_ROOM = 0.003
 MAX_QUIET_WAIT = 0.05
+#: How many of the soonest held due times ``quiet_delay`` looks at for a gap.
+QUIET_LOOK = 32
 #: The most verdicts kept for held tasks not yet due (far more than a lead holds at any rate a worker runs).
 MAX_DECIDED = 100_000
 #: Seconds between looks at a due alarm delivery whose row another transaction holds, or whose look failed.
@@ -143,7 +145,7 @@ class Guard:
     def _look(self, slot: float, waited: float = 0.0) -> None:
         from .store import orm
 
-        pause = min(quiet_delay(LOOK_ROOM), LOOK_WIGGLE - waited)
+        pause = min(quiet_delay(LOOK_ROOM, LOOK_WIGGLE), LOOK_WIGGLE - waited)
         if pause > 0 and slot in self.slots:  # a held alarm comes due meanwhile: look just after it
             self.consumer.hub.call_later(pause, self._look, slot, waited + pause)
             return
@@ -177,10 +179,18 @@ class Guard:
             if ref is None:
                 return on_due(request, *args)
             self.waiting.append((on_due, request, args, ref))
-            self._decide_waiting()
+            self._schedule_decision(0.0)  # those coming due together (a backlog: many) share one lookup
             return None
 
         return guarded
+
+    def _schedule_decision(self, delay: float) -> None:
+        hub = getattr(self.consumer, "hub", None)
+        if hub is None:  # no event loop (the solo pool): decide now
+            self._decide_waiting()
+        elif not self.rechecking:
+            self.rechecking = True
+            hub.call_later(delay, self._decide_waiting)
 
     def _decide_waiting(self) -> None:
         from . import clock
@@ -198,10 +208,8 @@ class Guard:
                 self.waiting.append((on_due, request, args, ref))
             else:
                 self._hand_on(on_due, request, args, verdict, ref)
-        hub = getattr(self.consumer, "hub", None)
-        if self.waiting and not self.rechecking and hub is not None:
-            self.rechecking = True
-            hub.call_later(RECHECK, self._decide_waiting)
+        if self.waiting and getattr(self.consumer, "hub", None) is not None:
+            self._schedule_decision(RECHECK)
 
     def _hand_on(self, on_due: Callable[..., Any], request: Any, args: tuple[Any, ...], verdict: str, ref: Any) -> Any:
         from .store import orm
@@ -248,24 +256,35 @@ class DueTimes:
 
     def next_after(self, now: float) -> float | None:
         """The earliest held due time not yet past (dropping the past ones)."""
+        found = self.soonest(now, 1)
+        return found[0] if found else None
+
+    def soonest(self, now: float, count: int) -> list[float]:
+        """The ``count`` earliest held due times not yet past (dropping the past ones), in order."""
         with self._lock:
             while self._heap and self._heap[0] < now - PAST:
                 heapq.heappop(self._heap)
-            return self._heap[0] if self._heap else None
+            return heapq.nsmallest(count, self._heap)
 
 
 #: This process's held due times (filled only where a ``Guard`` runs).
 due_times = DueTimes()
 
 
-def quiet_delay(room: float) -> float:
+def quiet_delay(room: float, longest: float = 0.05) -> float:
     """Seconds until the process is clear of held alarms for ``room`` seconds: 0 when none comes due within
-    ``room``, else just past the one that does."""
+    ``room``; else just past the last of those before the first such gap; 0 again when there is no gap within
+    ``longest`` seconds (due times that dense leave none worth waiting for)."""
     now = time.time()
-    due = due_times.next_after(now)
-    if due is None or due - now >= room:
-        return 0.0
-    return max(due - now, 0.0) + PAST
+    cursor = now
+    soonest = due_times.soonest(now, QUIET_LOOK)
+    for due in soonest:
+        if due - cursor >= room:
+            return cursor - now
+        cursor = max(cursor, due + PAST)
+        if cursor - now > longest:
+            return 0.0
+    return cursor - now if len(soonest) < QUIET_LOOK else 0.0  # all looked at packed together: dense
 
 
 def wait_for_quiet(room: float, longest: float) -> None:
@@ -275,7 +294,7 @@ def wait_for_quiet(room: float, longest: float) -> None:
         return
     waited = 0.0
     while waited < longest:
-        pause = min(quiet_delay(room), longest - waited)
+        pause = min(quiet_delay(room, longest), longest - waited)
         if pause <= 0:
             return
         time.sleep(pause)

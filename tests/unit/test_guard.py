@@ -91,6 +91,8 @@ def test_when_due_a_current_delivery_runs_a_stale_one_is_revoked_and_a_locked_on
 
     guard.verdicts[3] = orm.WAIT  # its row is locked by a cancel not yet committed
     on_due(locked)
+    assert [delay for delay, *_ in guard.consumer.hub.later] == [0.0]  # decided with those due together
+    guard.consumer.hub.run_all()
     assert locked.id not in ran and [delay for delay, *_ in guard.consumer.hub.later] == [prefetch.RECHECK]
     guard.verdicts[3] = orm.DROP  # the cancel committed
     guard.consumer.hub.run_all()
@@ -128,3 +130,6 @@ def test_work_waits_for_a_gap_between_held_due_times(guard):
     assert prefetch.quiet_delay(0.0005) == 0.0  # room enough before it
     prefetch.due_times.add(now - 1.0, now)  # a past one is dropped when the next is added
     assert prefetch.due_times.next_after(now) == pytest.approx(now + 0.001)
+    for n in range(200):  # due every 0.1 ms for 20 ms: no gap of 3 ms within 10 ms, so no waiting
+        prefetch.due_times.add(now + 0.002 + n * 0.0001, now)
+    assert prefetch.quiet_delay(0.003, 0.01) == 0.0

