@@ -87,9 +87,8 @@ SPECS: tuple[Spec, ...] = (
         "MAX_IN_FLIGHT",
         1_000,
         "alarms",
-        "Most published attempts due and awaiting their answer, across all beats (None: no limit); attempts a "
-        "worker holds ahead of their time (``PUBLISH_AHEAD``) are not counted. Beyond it beat leaves due alarms "
-        "pending instead of queueing more than the workers can run before their deadlines pass.",
+        "Most published attempts awaiting their answer, across all beats (None: no limit). Beyond it beat leaves "
+        "due alarms pending instead of queueing more than the workers can run before their deadlines pass.",
         none_allowed=True,
     ),
     Spec(

@@ -114,12 +114,11 @@ class DatabaseStore:
         )
         return rows
 
-    def count_in_flight(self, schedullers: Sequence[str], up_to: int, now: dt.datetime) -> int:
-        """How many attempts of these Schedullers are published, due by ``now`` and unanswered, counting at
-        most ``up_to`` (an attempt a worker holds ahead of its time is not yet work it must run)."""
+    def count_in_flight(self, schedullers: Sequence[str], up_to: int) -> int:
+        """How many attempts of these Schedullers are published and unanswered, counting at most ``up_to``."""
         if _on_postgresql():  # beat asks before claims: a prepared statement, not the ORM
-            return postgres.count_in_flight(schedullers, up_to, now)
-        return orm.count_in_flight(schedullers, up_to, now)
+            return postgres.count_in_flight(schedullers, up_to)
+        return orm.count_in_flight(schedullers, up_to)
 
     def claim_due(
         self,
@@ -150,7 +149,7 @@ class DatabaseStore:
         (before this claim) and the claimed rows. One statement on PostgreSQL."""
         if _on_postgresql():
             return postgres.claim_within(schedullers, now, limit, cap, until, since)
-        room = cap - self.count_in_flight(schedullers, cap, now)
+        room = cap - self.count_in_flight(schedullers, cap)
         return room, self.claim_due(schedullers, now, min(limit, room), until, since) if room > 0 else []
 
     def release(self, refs: Iterable[AttemptRef], now: dt.datetime) -> int:

@@ -215,8 +215,24 @@ def test_a_deferred_django_task_is_drained_the_same_way(alarm_kit):
     assert delivery.action == "finished"
     result.refresh()
     assert str(result.status).endswith("SUCCESSFUL") and result.return_value == 5
-    flaky = jobs.flaky.enqueue(succeed_on=3)  # the "retrying" backend: its retries are alarms
-    del flaky
+
+
+def test_a_django_task_retried_by_its_backend_is_drained_to_its_last_attempt(alarm_kit):
+    from tests.testapp import jobs
+
+    result = jobs.flaky.using(run_after=alarm_kit.now + dt.timedelta(minutes=1)).enqueue(succeed_on=3)
+    deliveries = alarm_kit.drain()
+    assert [d.action for d in deliveries] == ["retried", "retried", "finished"]
+    result.refresh()
+    assert result.return_value == 3 and len(result.errors) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_kit_in_a_transactional_test(transactional_db, alarm_kit):
+    TestAlarms().dispatch(Message.new("testapp.record", id="committed"), "agg", in_ms=1_000)
+    alarm_kit.advance(1_000)
+    [delivery] = alarm_kit.run_due()
+    assert delivery.action == "finished" and Run.objects.filter(message_id="committed").exists()
 
 
 @pytest.mark.parametrize("interval_ms", [1_000, 2_000])
