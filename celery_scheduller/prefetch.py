@@ -178,11 +178,32 @@ class Guard:
                 return self._hand_on(on_due, request, args, verdict, ref)
             if ref is None:
                 return on_due(request, *args)
-            self.waiting.append((on_due, request, args, ref))
-            self._schedule_decision(0.0)  # those coming due together (a backlog: many) share one lookup
+            # not looked at ahead (received late, its look not yet run, or its row locked then): look now,
+            # with every delivery whose look is overdue (a backlog: many), in one lookup
+            self._look_overdue((request, ref))
+            verdict = self.decided.pop(str(getattr(request, "id", "")), None)
+            if verdict is not None:
+                return self._hand_on(on_due, request, args, verdict, ref)
+            self.waiting.append((on_due, request, args, ref))  # its row is locked, or the lookup failed
+            self._schedule_decision(RECHECK)
             return None
 
         return guarded
+
+    def _look_overdue(self, due: tuple[Any, Any]) -> None:
+        """Decide ``due`` (request, attempt) now, with every delivery whose look's time has passed: where the
+        event loop is behind (a burst), the timer entries of the looks wait behind those of the tasks."""
+        from .store import orm
+
+        now = time.time()
+        batch = [due]
+        for slot in [slot for slot in self.slots if slot <= now]:
+            batch.extend(found for found in self.slots.pop(slot) if found[0] is not due[0])
+        verdicts = self._verdicts([ref for _, ref in batch])
+        for request, ref in batch:
+            verdict = verdicts.get(ref.pk, orm.WAIT)
+            if verdict != orm.WAIT:
+                self.decided[request.id] = verdict
 
     def _schedule_decision(self, delay: float) -> None:
         hub = getattr(self.consumer, "hub", None)

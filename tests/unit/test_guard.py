@@ -90,9 +90,7 @@ def test_when_due_a_current_delivery_runs_a_stale_one_is_revoked_and_a_locked_on
     assert guard.looked == []  # decided ahead: no lookup at the due time
 
     guard.verdicts[3] = orm.WAIT  # its row is locked by a cancel not yet committed
-    on_due(locked)
-    assert [delay for delay, *_ in guard.consumer.hub.later] == [0.0]  # decided with those due together
-    guard.consumer.hub.run_all()
+    on_due(locked)  # looked up at once (it was not decided ahead)
     assert locked.id not in ran and [delay for delay, *_ in guard.consumer.hub.later] == [prefetch.RECHECK]
     guard.verdicts[3] = orm.DROP  # the cancel committed
     guard.consumer.hub.run_all()
@@ -113,6 +111,21 @@ def test_a_delivery_whose_lookup_fails_is_not_run_unchecked_until_its_deadline(g
     request.ref.deadline = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)  # its deadline passed
     guard.consumer.hub.run_all()
     assert ran == [request.id] and guard.revoked == [request.id]  # handed on as revoked: beat answers it lost
+
+
+def test_a_delivery_not_decided_ahead_is_looked_up_with_every_overdue_look(guard):
+    ran: list[str] = []
+    on_due = guard.wrap(lambda request: ran.append(request.id))
+    requests = [Request(pk, 0.2) for pk in (1, 2, 3)]
+    for request in requests:
+        guard.received(request)  # their looks are scheduled, but the event loop is behind: none has run
+    guard.slots = {slot - 10.0: found for slot, found in guard.slots.items()}  # every look's time has passed
+    guard.verdicts.update({1: orm.RUN, 2: orm.RUN, 3: orm.DROP})
+    on_due(requests[0])
+    assert guard.looked == [[1, 2, 3]] and ran == [requests[0].id]  # one lookup decided all three
+    on_due(requests[1])
+    on_due(requests[2])
+    assert guard.looked == [[1, 2, 3]] and ran == [r.id for r in requests] and guard.revoked == [requests[2].id]
 
 
 def test_other_tasks_pass_through_untouched(guard):
