@@ -58,6 +58,9 @@ def guard(monkeypatch):
         return {ref.pk: verdicts[ref.pk] for ref in refs if ref.pk in verdicts}
 
     monkeypatch.setattr("celery_scheduller.store.held_verdicts", held_verdicts)
+    from celery_scheduller.testing import KitClock
+
+    monkeypatch.setattr("celery_scheduller.clock.default", KitClock(frozen=False))  # this host's time, no database
     made = prefetch.Guard(Consumer())
     made.revoked, made.looked, made.verdicts = revoked, looked, verdicts  # type: ignore[attr-defined]
     monkeypatch.setattr(prefetch, "_guard", [made])
