@@ -275,11 +275,6 @@ class DueTimes:
                 heapq.heappop(self._heap)
             heapq.heappush(self._heap, due)
 
-    def next_after(self, now: float) -> float | None:
-        """The earliest held due time not yet past (dropping the past ones)."""
-        found = self.soonest(now, 1)
-        return found[0] if found else None
-
     def soonest(self, now: float, count: int) -> list[float]:
         """The ``count`` earliest held due times not yet past (dropping the past ones), in order."""
         with self._lock:

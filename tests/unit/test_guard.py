@@ -145,7 +145,7 @@ def test_work_waits_for_a_gap_between_held_due_times(guard):
     assert 0.001 <= prefetch.quiet_delay(0.003) <= 0.003  # just past the alarm due in 1 ms
     assert prefetch.quiet_delay(0.0005) == 0.0  # room enough before it
     prefetch.due_times.add(now - 1.0, now)  # a past one is dropped when the next is added
-    assert prefetch.due_times.next_after(now) == pytest.approx(now + 0.001)
+    assert prefetch.due_times.soonest(now, 1) == [pytest.approx(now + 0.001)]
     for n in range(200):  # due every 0.1 ms for 20 ms: no gap of 3 ms within 10 ms, so no waiting
         prefetch.due_times.add(now + 0.002 + n * 0.0001, now)
     assert prefetch.quiet_delay(0.003, 0.01) == 0.0
