@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 
-from . import responses, writer
+from . import observe, responses, writer
 from .conf import settings
 from .message import Message, Response
 from .wire import AttemptRef
@@ -86,6 +86,7 @@ class CallbackRunner:
                         logger.error("%s service_responded calls hang; no thread replaces them", self._abandoned)
         for job in late:
             reason = f"service_responded ran longer than CALLBACK_BUDGET ({budget * 1000:.0f} ms)"
+            observe.callback(job.ref.scheduller, budget, failed=True)
             logger.error(
                 "alarm %s: %s; answered as a failed callback",
                 job.ref.message_id,

@@ -31,7 +31,7 @@ class Spec:
 
     name: str
     default: Any
-    unit: str  # "ms", "alarms", "bytes", "failures", "seconds" or "" (not a number)
+    unit: str  # "ms", "alarms", "bytes", "failures", "seconds", "port" or "" (not a number)
     doc: str
     minimum: int = 1
     maximum: int | None = None
@@ -60,7 +60,8 @@ class Spec:
             kind = "a number" if self.unit == "seconds" else "an integer"
             also = " or None" if self.none_allowed else ""
             also += " or a timedelta" if self.name == "KEEP_FINISHED" else ""
-            raise ConfigurationError(f"{PREFIX}{self.name} must be {kind} of {self.unit} {bounds}{also}, got {value!r}")
+            what = "a TCP port" if self.unit == "port" else f"{kind} of {self.unit}"
+            raise ConfigurationError(f"{PREFIX}{self.name} must be {what} {bounds}{also}, got {value!r}")
         return value
 
 
@@ -173,6 +174,34 @@ SPECS: tuple[Spec, ...] = (
     ),
     Spec("BEAT_RECORD_INTERVAL", 10_000, "ms", "How often a beat records its windows and counters for the status."),
     Spec(
+        "METRICS_PORT",
+        None,
+        "port",
+        "The TCP port on which beat serves its Prometheus metrics at ``/metrics``, with the table gauges "
+        "(pending, backlog, in flight…); None: not served. Needs the ``metrics`` extra. Two beats on one host "
+        "need two ports.",
+        maximum=65_535,
+        none_allowed=True,
+    ),
+    Spec(
+        "WORKER_METRICS_PORT",
+        None,
+        "port",
+        "The TCP port on which a worker's main process serves its Prometheus metrics; None: not served. A "
+        "prefork worker also needs ``PROMETHEUS_MULTIPROC_DIR`` (see the operations guide).",
+        maximum=65_535,
+        none_allowed=True,
+    ),
+    Spec(
+        "ACTIVITY_INTERVAL",
+        10_000,
+        "ms",
+        "How often each beat and worker process writes its per-minute counts (published, finished, retried, "
+        "failed, start lateness) for the admin's dashboard; None: not counted, the dashboard's activity "
+        "charts stay empty.",
+        none_allowed=True,
+    ),
+    Spec(
         "RESPONSE_BATCH_WAIT",
         50,
         "ms",
@@ -261,6 +290,11 @@ class Settings:
     def publish_ahead(self) -> int:
         """PUBLISH_AHEAD (ms), from 0 to MAX_PUBLISH_AHEAD."""
         value: int = self.get("PUBLISH_AHEAD")
+        return value
+
+    def port(self, name: str) -> int | None:
+        """A port setting (METRICS_PORT, WORKER_METRICS_PORT), or None when not set."""
+        value: int | None = self.get(name)
         return value
 
     def response_batch_wait(self) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Celery
 
-from . import callbacks, pruning, registry, signals, writer
+from . import activity, callbacks, observe, pruning, registry, signals, tracing, writer
 from . import listener as listener_module
 from . import store as store_module
 from .clock import to_datetime
@@ -131,9 +131,11 @@ class AlarmEngine:
         # the room under MAX_IN_FLIGHT as last counted (for that cap), less what this beat claimed since
         self._room: tuple[int, int, float] | None = None  # (cap, room, counted at)
         self._floor: dt.datetime | None = None  # claims between polls start here (None: the beginning)
+        self._expected: list[str] = []  # ids of held alarms that came due for this tick's claim
 
     def tick(self, now: float, producer: Any) -> float:
         """One pass at ``now`` (epoch seconds); returns the seconds until the next pass is needed."""
+        observe.ticked(now)
         names = self._names()
         if not names:
             return settings.integer("POLL_INTERVAL") / 1000
@@ -150,7 +152,10 @@ class AlarmEngine:
         earliest = self.heap.next_due()  # of what pops now, if anything does
         next_claim = self._next_claim(ahead)
         # publishing ahead, held alarms wait for their claim's time (the pacing above); else any tick takes them
-        popped = (ahead <= 0 or (next_claim is not None and now >= next_claim)) and bool(self.heap.pop_due(now + ahead))
+        claiming = ahead <= 0 or (next_claim is not None and now >= next_claim)
+        popped_ids = self.heap.pop_due(now + ahead) if claiming else []
+        popped = bool(popped_ids)
+        self._expected = [alarm_id for alarm_id in popped_ids if not alarm_id.startswith("announced ")]
         if popped and earliest is not None:
             self._lower_floor(to_datetime(earliest))
         if (popped and not self._throttled) or polling or self._backlog or waited:
@@ -182,6 +187,7 @@ class AlarmEngine:
         self.pruner.close()
         self.callbacks.close()
         writer.default.stop()
+        activity.default.flush_at_exit()
 
     def _next_claim(self, ahead: float) -> float | None:
         """When the next held alarm is to be published (``ahead`` seconds before it is due), claims at
@@ -263,6 +269,7 @@ class AlarmEngine:
             if due is not None and self.heap.push(message_id, due.timestamp()):
                 held += 1
         window.loaded(load_until, now)
+        observe.window_loaded(name, time.perf_counter() - started)
         logger.info(
             "loaded %s alarms of %s due until %s in %.3f s (%s held)",
             held,
@@ -306,6 +313,7 @@ class AlarmEngine:
         self._floor = taken_until - dt.timedelta(seconds=FLOOR_MARGIN)
         elapsed = now.timestamp() - self._claimed_at
         self._claim_gap = claim_gap(len(rows), elapsed, per_claim, MIN_CLAIM_GAP, longest)
+        self._count_claim(rows, limit)
         if not rows:
             return False
         claimed = time.perf_counter()
@@ -328,7 +336,11 @@ class AlarmEngine:
             outgoing.append((ref, message, row["timeout_ms"], eta))
         sent = self._publish(outgoing, now, producer)
         self.published += len(sent)
+        published_at = self._clock()
         for ref, message in sent:
+            due = message.assigns.get("dispatch_at")
+            lateness = published_at - due.timestamp() if isinstance(due, dt.datetime) else 0.0
+            observe.published(ref.scheduller, message.service_name, lateness)
             signals.send(signals.alarm_published, ref.scheduller, message=message, attempt=ref.attempt)
         if logger.isEnabledFor(logging.DEBUG):
             for ref, message in sent:
@@ -349,6 +361,16 @@ class AlarmEngine:
             self._throttled = True  # more may be due: wait for answers before the next claim
             return False
         return len(rows) == limit
+
+    def _count_claim(self, rows: Sequence[dict[str, Any]], limit: int) -> None:
+        """Tell the metrics how many alarms this claim took, and how many of those this beat held as due it
+        did not get (a full claim leaves the rest for the next one: none counted)."""
+        expected, self._expected = self._expected, []
+        conflicts = 0
+        if expected and len(rows) < limit:
+            claimed = {row["message_id"] for row in rows}
+            conflicts = sum(1 for alarm_id in expected if alarm_id not in claimed)
+        observe.claimed(len(rows), conflicts)
 
     def _room_to_spare(self, cap: int, limit: int, now: float) -> bool:
         """Whether a claim of ``limit`` leaves ROOM_SPARE of ``cap`` free by the last count (``ROOM_RECOUNT``)."""
@@ -402,7 +424,8 @@ class AlarmEngine:
                         except (SchedullerError, ValueError, TypeError, RecursionError) as exc:
                             self._fail(ref, message.id, f"cannot be published: {describe(exc)}", now, message)
                             continue
-                        self.sender.send_attempt(producer, ref, message, eta, headers)
+                        with tracing.publishing(ref.scheduller, ref.attempt, message, headers):
+                            self.sender.send_attempt(producer, ref, message, eta, headers)
                         sent.append((ref, message))
             except Exception as exc:
                 unsent = [ref for ref, *_rest in outgoing]  # guarded: those failed meanwhile stay failed
@@ -416,6 +439,7 @@ class AlarmEngine:
     ) -> None:
         """Fail one claimed alarm that cannot be published, visibly, with ``reason``; its batch goes on."""
         if self.store.fail(ref, reason, now):
+            observe.decided(ref.scheduller, "failed")
             logger.error("alarm %s failed: %s", message_id, reason, extra={"alarm_id": message_id, "action": "failed"})
             signals.send(signals.alarm_failed, ref.scheduller, message=message, attempt=ref.attempt, reason=reason)
 

@@ -19,14 +19,16 @@ A failing hook is logged with the alarm id and never raised into the worker.
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
 import logging
+import time
 import weakref
 from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import signals, states
 
-from . import compat, prefetch, writer
+from . import activity, compat, metrics, observe, prefetch, tracing, writer
 from .message import Message, Response, describe
 from .wire import HEADER, AttemptRef, BadHeader, read_header
 
@@ -34,6 +36,10 @@ logger = logging.getLogger("celery_scheduller")
 
 _delivery: contextvars.ContextVar[tuple[AttemptRef, Message] | None] = contextvars.ContextVar(
     "celery_scheduller_delivery", default=None
+)
+#: The running delivery's start (``time.perf_counter``) and its span
+_running: contextvars.ContextVar[tuple[float, Any] | None] = contextvars.ContextVar(
+    "celery_scheduller_running", default=None
 )
 
 #: The worker's main process: the requests of alarm deliveries it received, while they live. A hard time
@@ -67,14 +73,45 @@ def _on_prerun(task_id: str, task: Any, **_: Any) -> None:
     request = task.request
     # protocol 2 makes the message's headers attributes of the request; ``headers`` holds them elsewhere
     raw = getattr(request, HEADER, None) or (getattr(request, "headers", None) or {}).get(HEADER)
-    _delivery.set(_delivery_of({HEADER: raw}, getattr(request, "kwargs", None), task_id) if raw else None)
+    found = _delivery_of({HEADER: raw}, getattr(request, "kwargs", None), task_id) if raw else None
+    _delivery.set(found)
+    _running.set(None)
+    if found is not None:
+        _running.set(_started(*found, request))
+
+
+def _started(ref: AttemptRef, message: Message, request: Any) -> tuple[float, Any]:
+    """The task of an alarm delivery starts: its lateness is counted, its span opened (``tracing``)."""
+    from . import clock
+
+    due = message.assigns.get("dispatch_at")
+    if isinstance(due, dt.datetime):
+        observe.started(ref.scheduller, message.service_name, clock.default.now() - due.timestamp())
+    try:
+        span = tracing.start_run(ref.scheduller, ref.attempt, message, request)
+    except Exception:
+        logger.warning("opening the task's span failed", exc_info=True, extra={"alarm_id": message.id})
+        span = None
+    return time.perf_counter(), span
 
 
 def _on_postrun(task_id: str, task: Any, retval: Any = None, state: str | None = None, **_: Any) -> None:
-    found = _delivery.get()
+    found, running = _delivery.get(), _running.get()
     _delivery.set(None)
+    _running.set(None)
     if found is None:
         return
+    try:
+        _finish(found, running, task, retval, state)
+    finally:
+        if running is not None:
+            error = retval if state == states.FAILURE and isinstance(retval, BaseException) else None
+            tracing.end_run(running[1], error)
+
+
+def _finish(found: tuple[AttemptRef, Message], running: Any, task: Any, retval: Any, state: str | None) -> None:
+    if running is not None:
+        observe.ran(found[0].scheduller, found[1].service_name, time.perf_counter() - running[0])
     if state == states.SUCCESS:
         response = Response("ok", value=retval)
     elif state == states.FAILURE:
@@ -170,9 +207,24 @@ def _answer(ref: AttemptRef, message: Message, response: Response, deferred: boo
 
 
 def _stop_writer(**_: Any) -> None:
-    """A worker process that exits stores the responses its writer still holds first."""
+    """A worker process that exits stores the responses its writer still holds first, then its activity."""
     if not writer.default.stop():
         logger.error("the response writer did not store every response before the process exited")
+    activity.default.flush_at_exit()
+
+
+def _pool_process_exited(pid: int = 0, **_: Any) -> None:
+    """Main process: a prefork pool process exited; its live figures are dropped (multiprocess metrics)."""
+    metrics.process_exited(pid)
+
+
+def _serve_metrics(**_: Any) -> None:
+    """Main process: serve the worker's metrics where WORKER_METRICS_PORT is set."""
+    from .conf import settings
+
+    port = settings.port("WORKER_METRICS_PORT")
+    if port is not None:
+        metrics.serve(port, "worker")
 
 
 def _check_at_start(**_: Any) -> None:
@@ -186,6 +238,10 @@ def connect() -> None:
     """Connect the hooks to Celery's signals (idempotent)."""
     signals.worker_init.connect(_check_at_start, weak=False, dispatch_uid="celery_scheduller.check_at_start")
     signals.worker_init.connect(prefetch.install, weak=False, dispatch_uid="celery_scheduller.prompt_prefetch")
+    signals.worker_init.connect(_serve_metrics, weak=False, dispatch_uid="celery_scheduller.metrics")
+    signals.worker_process_shutdown.connect(
+        _pool_process_exited, weak=False, dispatch_uid="celery_scheduller.metrics_process_exited"
+    )
     signals.worker_process_shutdown.connect(
         _stop_writer, weak=False, dispatch_uid="celery_scheduller.stop_writer_child"
     )

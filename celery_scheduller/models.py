@@ -148,3 +148,29 @@ class TaskRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_path} {self.id} ({self.status})"
+
+
+class ActivityMinute(models.Model):
+    """What one process (a beat, a worker's pool process) did in one minute: the admin's dashboard sums these.
+    Each process writes its own rows (``activity``); beat removes them after ``activity.KEEP``."""
+
+    minute = models.DateTimeField()
+    #: the process: host and pid
+    source = models.CharField(max_length=255)
+    published = models.PositiveIntegerField(default=0)
+    finished = models.PositiveIntegerField(default=0)
+    retried = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    cancelled = models.PositiveIntegerField(default=0)
+    #: answers that were an error, a timeout, a lost worker or a time limit
+    errors = models.PositiveIntegerField(default=0)
+    #: tasks started, by start lateness: a count per bucket of ``activity.LATENESS_BOUNDS`` (the last: above)
+    lateness = models.JSONField(default=list)
+
+    objects = PackageManager()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["minute", "source"], name="csched_activity_minute")]
+
+    def __str__(self) -> str:
+        return f"{self.source} {self.minute:%Y-%m-%d %H:%M}"

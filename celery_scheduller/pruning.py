@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import db
+from . import db, observe
 from .clock import to_datetime
 from .conf import settings
 from .store import Store
@@ -90,6 +90,7 @@ class Pruner:
         while alarms_left or records_left:
             if alarms_left and before is not None:
                 pruned = self.store.prune(before, limit)
+                observe.pruned(pruned)
                 report.alarms += pruned
                 alarms_left = pruned >= limit
             if records_left:

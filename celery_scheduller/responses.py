@@ -7,9 +7,10 @@ import dataclasses
 import datetime as dt
 import logging
 import random
+import time
 from collections.abc import Iterator, Sequence
 
-from . import db, registry, signals, store
+from . import db, observe, registry, signals, store, tracing
 from .conf import settings
 from .message import Message, Response, describe
 from .scheduller import Fail, Retry, due_time, validate_decision
@@ -63,19 +64,25 @@ def respond(ref: AttemptRef, message: Message, response: Response, now: dt.datet
 def decide(ref: AttemptRef, message: Message, response: Response, now: dt.datetime) -> Decided:
     """Call the owner's ``service_responded`` for attempt ``ref``; store nothing."""
     answered = message.with_response(response)
-    if response.status == "timeout" and not ref.callback_failures:  # not again when it is decided again
-        signals.send(signals.alarm_timed_out, ref.scheduller, message=answered, attempt=ref.attempt)
+    if not ref.callback_failures:  # once per attempt, not again when it is decided again
+        observe.answered(ref.scheduller, response.status, response.error)
+        if response.status == "timeout":
+            signals.send(signals.alarm_timed_out, ref.scheduller, message=answered, attempt=ref.attempt)
+    started = time.perf_counter()
     try:
-        scheduller = registry.get(ref.scheduller)
-        decision = validate_decision(scheduller.service_responded(answered), message)
-        due = due_time(None, decision.in_ms, now) if isinstance(decision, Retry) else None
+        with tracing.responding(ref.scheduller, ref.attempt, message):
+            scheduller = registry.get(ref.scheduller)
+            decision = validate_decision(scheduller.service_responded(answered), message)
+            due = due_time(None, decision.in_ms, now) if isinstance(decision, Retry) else None
     except Exception as exc:
+        observe.callback(ref.scheduller, time.perf_counter() - started, failed=True)
         logger.exception(
             "service_responded failed for alarm %s",
             message.id,
             extra={**_log_extra(ref, answered), "action": "callback_error"},
         )
         return callback_failed(ref, answered, now, describe(exc))
+    observe.callback(ref.scheduller, time.perf_counter() - started, failed=False)
     if isinstance(decision, Fail):  # given up: ends failed with the reason, the task's response kept
         return Decided(ref, answered, now, "failed", note=decision.reason, keep_response=True)
     if not isinstance(decision, Retry) or due is None:  # validate_decision let only OK through besides these
@@ -230,6 +237,7 @@ def _new_attempt(decided: Decided) -> store.NewAttempt:
 def _stored(decided: Decided, applied: bool) -> str:
     ref, answered = decided.ref, decided.answered
     if applied:
+        observe.decided(ref.scheduller, decided.action)
         signals.send(signals.alarm_responded, ref.scheduller, message=answered, attempt=ref.attempt)
         if decided.action == "failed":
             logger.error(

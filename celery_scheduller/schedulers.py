@@ -76,6 +76,7 @@ class AlarmSide:
 
         self.alarm_clock: DatabaseClock = kwargs.pop("alarm_clock", None) or DatabaseClock()
         self.alarm_engine = AlarmEngine(kwargs.get("app") or args[0], clock=self.alarm_clock.now)
+        _serve_metrics()
         self._alarm_pause_until = 0.0
         self._alarm_producer: Any = None
         super().__init__(*args, **kwargs)
@@ -203,3 +204,13 @@ def _alarm_database_scheduler() -> Any:
     AlarmDatabaseScheduler.__module__ = __name__
     _database_scheduler = AlarmDatabaseScheduler
     return AlarmDatabaseScheduler
+
+
+def _serve_metrics() -> None:
+    """Serve beat's metrics where METRICS_PORT is set (once per process)."""
+    from . import metrics
+    from .conf import settings
+
+    port = settings.port("METRICS_PORT")
+    if port is not None:
+        metrics.serve(port, "beat")

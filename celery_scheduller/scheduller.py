@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Final, final
 
 from asgiref.sync import sync_to_async
 
-from . import db, registry
+from . import db, registry, tracing
 from .checking import (  # noqa: F401  (part of this module's API)
     EARLIEST_DUE,
     LATEST_DUE,
@@ -373,7 +373,7 @@ class Scheduller:
         return restarted
 
     def _cancel(self, now: dt.datetime | None, *, message_ids: Sequence[str] = (), aggregate_id: str = "") -> list[str]:
-        from . import signals, store
+        from . import observe, signals, store
         from .conf import settings
 
         registry.check_served(type(self))
@@ -388,6 +388,7 @@ class Scheduller:
         if ahead:
             db.on_commit(lambda: _revoke(ahead))
         if cancelled:
+            observe.cancelled(name, len(cancelled))
             signals.send(signals.alarm_cancelled, name, message_ids=cancelled)
         return cancelled
 
@@ -478,6 +479,7 @@ class Scheduller:
         assigns = {**message.assigns, "dispatch_at": dispatch_at}
         if dispatch_at < now:
             assigns["late"] = True
+        tracing.carry(assigns)
         scheduled = message._with_assigns(assigns)
         if limit is None:
             limit, header_limit = settings.integer("MAX_PAYLOAD"), broker_header_limit()

@@ -15,6 +15,12 @@ import tests.celery_app  # noqa: F401  (the project app is current, as in a Djan
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The test process writes its activity counts only when a beat closes or a test flushes them: a thread of its
+# own writing to the test database could hold a connection while the database is dropped.
+import celery_scheduller.activity  # noqa: E402
+
+celery_scheduller.activity.default.interval = 365 * 24 * 3600
+
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, step: float = 0.05) -> object:
     """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""

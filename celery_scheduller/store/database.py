@@ -187,7 +187,11 @@ class DatabaseStore:
         published: int,
         timeouts: int,
     ) -> None:
-        """Record a beat's windows and counters for ``scheduller_status``."""
+        """Record a beat's windows and counters for ``scheduller_status``; remove the dashboard's activity
+        rows older than ``activity.KEEP``."""
+        from .. import activity
+
+        activity.remove_old(now)
         BeatRecord.objects.update_or_create(
             name=name,
             defaults={
