@@ -22,6 +22,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from . import registry, states
 from .checking import known_tasks
@@ -256,6 +257,37 @@ class AlarmAdmin(_AlarmAdminBase):
                     query[name] = valid[name]
             request.GET = query  # type: ignore[assignment]
         return super().changelist_view(request, {"title": "Alarms", **(extra_context or {})})
+
+    def get_urls(self) -> list[Any]:
+        from django.urls import path
+
+        dashboard = path(
+            "dashboard/",
+            self.admin_site.admin_view(self.dashboard_view),
+            name="celery_scheduller_alarm_dashboard",
+        )
+        return [dashboard, *super().get_urls()]
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        """One page to open first: what comes due, what happened in the last hour, lateness, backlog, beats."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        from . import dashboard
+
+        board = dashboard.read()
+        totals = dashboard.totals(board)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Alarms dashboard",
+            "opts": self.model._meta,
+            "board": board,
+            "charts": {name: mark_safe(svg) for name, svg in dashboard.charts(board).items()},
+            "totals": totals,
+            "legend": [(name, dashboard.COLOURS[name], totals[name]) for name in dashboard.SERIES],
+            "due_hours": dashboard.DUE_HOURS,
+            "count_limit": dashboard.COUNT_LIMIT,
+        }
+        return TemplateResponse(request, "admin/celery_scheduller/alarm/dashboard.html", context)
 
     def get_readonly_fields(self, request: HttpRequest, obj: Alarm | None = None) -> list[str]:
         return [str(name) for _, options in self.fieldsets for name in options["fields"]]

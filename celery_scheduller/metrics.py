@@ -40,6 +40,7 @@ GAUGE_COUNT_LIMIT = 1_000_000
 OUTCOMES = ("ok", "error", "timeout", "lost", "time_limit")
 
 PREFIX = "celery_scheduller_"
+_lock = threading.RLock()
 
 
 def enabled() -> bool:
@@ -91,27 +92,58 @@ class _Metrics:
             "service_responded calls that raised, returned garbage or overran.",
             ["scheduller"],
         )
-        self.pruned = Counter(PREFIX + "pruned", "Ended alarms removed by pruning.")
-        self.claim_conflicts = Counter(
-            PREFIX + "claim_conflicts",
-            "Alarms a beat held as due that its claim did not take: another beat claimed them, or they were "
-            "cancelled or moved meanwhile.",
-        )
-        self.claim_batch = Histogram(
-            PREFIX + "claim_batch_size", "Alarms taken by one claim of a beat.", buckets=BATCH_BUCKETS
-        )
         self.window_load = Histogram(
             PREFIX + "window_load_seconds", "How long a beat's window load took.", ["scheduller"], buckets=RUN_BUCKETS
         )
-        self.last_tick = Gauge(
-            PREFIX + "beat_last_tick_timestamp_seconds",
-            "When this beat last ran its alarm loop (epoch seconds).",
-            multiprocess_mode="max",
+        self._lazy: dict[str, Any] = {}
+
+    # Metrics without labels are exported as soon as they exist: those only beat moves are made on first use,
+    # so a worker's scrape does not show a beat's figures at zero.
+
+    def _once(self, name: str, make: Any) -> Any:
+        found = self._lazy.get(name)
+        if found is None:
+            with _lock:
+                found = self._lazy.get(name)
+                if found is None:
+                    found = self._lazy[name] = make()
+        return found
+
+    @property
+    def pruned(self) -> Any:
+        return self._once("pruned", lambda: Counter(PREFIX + "pruned", "Ended alarms removed by pruning."))
+
+    @property
+    def claim_conflicts(self) -> Any:
+        return self._once(
+            "claim_conflicts",
+            lambda: Counter(
+                PREFIX + "claim_conflicts",
+                "Alarms a beat held as due that its claim did not take: another beat claimed them, or they were "
+                "cancelled or moved meanwhile.",
+            ),
+        )
+
+    @property
+    def claim_batch(self) -> Any:
+        return self._once(
+            "claim_batch",
+            lambda: Histogram(PREFIX + "claim_batch_size", "Alarms one claim of a beat took.", buckets=BATCH_BUCKETS),
+        )
+
+    @property
+    def last_tick(self) -> Any:
+        return self._once(
+            "last_tick",
+            lambda: Gauge(
+                PREFIX + "beat_last_tick_timestamp_seconds",
+                "When this beat last ran its alarm loop (epoch seconds).",
+                multiprocess_mode="max",
+            ),
         )
 
 
 _metrics: _Metrics | None = None
-_lock = threading.Lock()
 
 
 def get() -> _Metrics | None:

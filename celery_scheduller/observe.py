@@ -121,8 +121,8 @@ def cancelled(scheduller: str, count: int) -> None:
 def pruned(count: int) -> None:
     """Pruning removed ``count`` ended alarms."""
     found = metrics.get()
-    if found is not None and count:
-        found.pruned.inc(count)
+    if found is not None:
+        found.pruned.inc(count)  # 0 too: a beat that prunes exports the counter from its first pass
 
 
 @_quiet

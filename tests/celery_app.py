@@ -21,3 +21,8 @@ if os.environ.get("CSCHED_STOCK_CONSUMER"):  # a worker whose consumer is Celery
 
     django.setup()  # the package's app connects its receivers in ready(): take this one out before worker_init
     signals.worker_init.disconnect(dispatch_uid="celery_scheduller.prompt_prefetch")
+
+if os.environ.get("CSCHED_OTEL_FILE"):  # the trace tests: every span this process ends, as a JSON line in that file
+    from tests.otel import export_to_file
+
+    export_to_file(os.environ["CSCHED_OTEL_FILE"], celery=bool(os.environ.get("CSCHED_OTEL_CELERY")))

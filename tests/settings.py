@@ -159,3 +159,7 @@ if os.environ.get("CSCHED_BATCH_SIZE"):
     CELERY_SCHEDULLER_BATCH_SIZE = int(os.environ["CSCHED_BATCH_SIZE"])
 # the Django Tasks runner under a hard time limit, as a project may set one (a test task sleeps past it)
 CELERY_TASK_ANNOTATIONS = {"celery_scheduller.run_django_task": {"time_limit": 12}}
+# the operations tests: metrics ports of a beat or worker subprocess, and how often they write their activity
+for _name in ("METRICS_PORT", "WORKER_METRICS_PORT", "ACTIVITY_INTERVAL"):
+    if os.environ.get(f"CSCHED_{_name}"):
+        globals()[f"CELERY_SCHEDULLER_{_name}"] = int(os.environ[f"CSCHED_{_name}"])
