@@ -18,6 +18,7 @@ Every span carries the alarm's ids as attributes: ``celery_scheduller.message_id
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -31,6 +32,10 @@ except ImportError:  # pragma: no cover - exercised where opentelemetry-api is n
 TRACE_KEY = "celery_scheduller.trace"
 #: Header names of the W3C trace context.
 TRACE_HEADERS = ("traceparent", "tracestate")
+
+#: The worker's span of the running alarm task: ``service_responded``'s parent. Kept apart from OpenTelemetry's
+#: current context, which other instrumentation (Celery's) attaches and detaches around the same task.
+_run_span: contextvars.ContextVar[Any] = contextvars.ContextVar("celery_scheduller_run_span", default=None)
 
 
 def available() -> bool:
@@ -111,6 +116,7 @@ def start_run(scheduller: str, attempt: int, message: Any, request: Any) -> Any:
         links=[trace.Link(origin, {"celery_scheduller.link": "dispatch"})] if origin.is_valid else None,
     )
     token = otel_context.attach(trace.set_span_in_context(span))
+    _run_span.set(span)
     return span, token
 
 
@@ -119,23 +125,24 @@ def end_run(started: Any, error: BaseException | None = None) -> None:
     if started is None:
         return
     span, token = started
+    _run_span.set(None)
     if error is not None:
         span.record_exception(error)
         span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__name__))
-    with contextlib.suppress(Exception):  # a context detached elsewhere: the span still ends
+    if trace.get_current_span() is span:  # not when other instrumentation reset the context meanwhile
         otel_context.detach(token)
     span.end()
 
 
 @contextlib.contextmanager
 def responding(scheduller: str, attempt: int, message: Any) -> Iterator[None]:
-    """``service_responded`` in a span: under the current span (the worker's run span), else the stored one."""
+    """``service_responded`` in a span: under the worker's run span, else (beat) under the stored context."""
     stored = None if trace is None else _stored(message.assigns)
     if stored is None:
         yield
         return
-    current = trace.get_current_span().get_span_context()
-    parent = None if current.is_valid else propagate.extract(stored)
+    running = _run_span.get()
+    parent = trace.set_span_in_context(running) if running is not None else propagate.extract(stored)
     with _tracer().start_as_current_span(
         "celery_scheduller.service_responded", context=parent, attributes=_attributes(message, scheduller, attempt)
     ):
