@@ -848,6 +848,7 @@ def main() -> None:
     parser.add_argument("--rolling-seconds", type=float, default=60)
     parser.add_argument("--ahead", type=float, default=10, help="rolling: seconds each alarm is scheduled ahead")
     parser.add_argument("--workloads", default="steady,burst,pending,beats,rolling,idle")
+    parser.add_argument("--metrics-rounds", type=int, default=2, help="metrics: rounds of off then on")
     parser.add_argument("--idle-seconds", type=float, default=120, help="idle: how long beat is watched")
     parser.add_argument("--systems", default=f"{OURS},{ETA},{DCB}")
     parser.add_argument(
@@ -935,6 +936,14 @@ def main() -> None:
             results.append(
                 bench.run(f"burst {args.burst * 2:,} in 1 s", OURS, burst(args.burst * 2), beats=beats, capped=False)
             )
+    if "metrics" in workloads and OURS in systems:
+        # beat's cost with the metrics (and the dashboard's activity counts) on and off, rounds alternating
+        for round_ in range(args.metrics_rounds):
+            for state in ("off", "on"):
+                os.environ["BENCH_METRICS"] = state  # read by bench/settings.py in the processes this run starts
+                name = f"steady {args.rate:g}/s × {args.seconds:g} s, metrics {state} (round {round_ + 1})"
+                results.append(bench.run(name, OURS, steady(args.rate, args.seconds)))
+        os.environ.pop("BENCH_METRICS", None)
     if "idle" in workloads and OURS in systems:
         results.append(bench.idle(args.idle_seconds))
     if "rolling" in workloads:

@@ -60,6 +60,10 @@ CELERY_SCHEDULLER_MAX_IN_FLIGHT = (
 # (unset: the package's default)
 if os.environ.get("BENCH_PUBLISH_AHEAD"):
     CELERY_SCHEDULLER_PUBLISH_AHEAD = int(os.environ["BENCH_PUBLISH_AHEAD"])
+# compare.py --workloads metrics: beat and worker with the metrics and the dashboard's activity counts off, then on
+if os.environ.get("BENCH_METRICS") == "off":
+    CELERY_SCHEDULLER_METRICS = False
+    CELERY_SCHEDULLER_ACTIVITY_INTERVAL = None
 CELERY_SCHEDULLER_POLL_INTERVAL = int(os.environ.get("BENCH_POLL_INTERVAL", "500"))
 # BENCH_ACK_EMULATION=off (bench/compare.py --no-ack-emulation, celery_scheduller's workers only): kombu's
 # Redis transport keeps no copy of the messages a worker took in (README: "Redis workers that serve only

@@ -31,7 +31,7 @@ class Spec:
 
     name: str
     default: Any
-    unit: str  # "ms", "alarms", "bytes", "failures", "seconds", "port" or "" (not a number)
+    unit: str  # "ms", "alarms", "bytes", "failures", "seconds", "port", "bool" or "" (anything else)
     doc: str
     minimum: int = 1
     maximum: int | None = None
@@ -49,6 +49,10 @@ class Spec:
                 )
             return value
         if self.unit == "":
+            return value
+        if self.unit == "bool":
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"{PREFIX}{self.name} must be True or False, got {value!r}")
             return value
         if self.name == "KEEP_FINISHED" and isinstance(value, dt.timedelta):
             if value < dt.timedelta(0):
@@ -173,6 +177,13 @@ SPECS: tuple[Spec, ...] = (
         "Largest message (raw_request, assigns and ids as JSON) that dispatch and a Retry accept.",
     ),
     Spec("BEAT_RECORD_INTERVAL", 10_000, "ms", "How often a beat records its windows and counters for the status."),
+    Spec(
+        "METRICS",
+        True,
+        "bool",
+        "Record the Prometheus metrics where ``prometheus-client`` is installed (False: record none, whatever "
+        "is installed).",
+    ),
     Spec(
         "METRICS_PORT",
         None,

@@ -63,7 +63,7 @@ def read(now: dt.datetime | None = None) -> Dashboard:
     for moment in times:
         key = _minute(moment)
         due_counts[key] = due_counts.get(key, 0) + 1
-    due = [(minute, due_counts.get(minute, 0)) for minute in _minutes(start, DUE_HOURS * 60)]
+    due = [(minute, due_counts.get(minute, 0)) for minute in _minutes(start, DUE_HOURS * 60 + 1)]
     since = start - dt.timedelta(minutes=59)
     rows = ActivityMinute.objects.filter(minute__gte=since, minute__lte=start).values_list(
         "minute", *SERIES, "lateness"

@@ -151,6 +151,10 @@ def get() -> _Metrics | None:
     global _metrics
     if prometheus_client is None:
         return None
+    from .conf import settings
+
+    if not settings.get("METRICS"):
+        return None
     if _metrics is None:
         with _lock:
             if _metrics is None:
