@@ -61,6 +61,7 @@ def pages() -> list[tuple[str, str | None]]:
         ("date drill-down: a day", f"{base}?{year}&{month}&dispatch_at__day={now.day}"),
         ("sort by aggregate", f"{base}?o=4"),
         ("change page", None),
+        ("dashboard (20 processes' activity for the hour)", f"{base}dashboard/"),
     ]
 
 
@@ -100,6 +101,7 @@ def main() -> None:
     # one customer with thousands of alarms, one correlation id shared by as many: searches with many matches
     many = Alarm.objects.filter(pk__in=Alarm.objects.order_by("pk").values("pk")[: min(5_000, args.rows)])
     many.update(aggregate_id="big-customer", correlation_id="big-correlation")
+    _activity(20)
     User.objects.create_superuser("bench", "bench@example.com", "bench")
     client = Client()
     client.force_login(User.objects.get(username="bench"))
@@ -117,6 +119,31 @@ def main() -> None:
                 times.append((time.perf_counter() - began) * 1000)
             assert response.status_code == 200, (url, response.status_code)
         print(f"| {label} | {statistics.median(times):.0f} | {max(times):.0f} | {len(queries.captured_queries)} |")
+
+
+def _activity(processes: int) -> None:
+    """The dashboard's per-minute rows for the last hour, as ``processes`` beats and workers write them."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from celery_scheduller import activity
+    from celery_scheduller.models import ActivityMinute
+
+    minute = timezone.now().replace(second=0, microsecond=0)
+    ActivityMinute.objects.bulk_create(
+        ActivityMinute(
+            minute=minute - dt.timedelta(minutes=m),
+            source=f"host-{p}:{1000 + p}",
+            published=500,
+            finished=480,
+            retried=15,
+            failed=5,
+            lateness=[300, 150, 40, 10] + [0] * (len(activity.LATENESS_BOUNDS) - 3),
+        )
+        for m in range(60)
+        for p in range(processes)
+    )
 
 
 def time_page(client: object, url: str, repeat: int = 5) -> tuple[float, float, int]:
@@ -163,6 +190,7 @@ def existing(args: argparse.Namespace) -> None:
         ("exact search (message id)", f"{base}?q={args.message_id}"),
         ("year drill-down", f"{base}?dispatch_at__year={year}"),
         ("change page", f"{base}{pk}/change/"),
+        ("dashboard", f"{base}dashboard/"),
     ):
         median, worst, queries = time_page(client, url)
         found[label] = {"median_ms": round(median, 1), "worst_ms": round(worst, 1), "queries": queries}

@@ -183,6 +183,12 @@ def test_prometheus_scrapes_beats_and_workers_and_promql_matches_the_run(tmp_pat
         rules = str(DEPLOY / "prometheus-alerts.yml")
         check = subprocess.run(["promtool", "check", "rules", rules], capture_output=True)
         assert check.returncode == 0, check.stdout + check.stderr
+        # the Compose example's Prometheus configuration loads, with its rule file where the example mounts it
+        config = tmp_path / "compose-prometheus.yml"
+        example = (DEPLOY / "prometheus.yml").read_text()
+        config.write_text(example.replace("/etc/prometheus/prometheus-alerts.yml", rules))
+        check = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True)
+        assert check.returncode == 0, check.stdout + check.stderr
         scraped = set(prometheus.get("/api/v1/label/__name__/values")["data"])
         assert _grafana_metric_names() <= scraped, _grafana_metric_names() - scraped
         assert _alert_metric_names() <= scraped, _alert_metric_names() - scraped

@@ -67,3 +67,30 @@ def test_no_page_uses_a_directive_the_repository_host_shows_as_text():
             continue
         text = page.read_text()
         assert not re.findall(r"```\{(?!toctree)", text), page
+
+
+def test_every_metric_is_in_the_operations_page():
+    """The metrics are listed by hand in the operations page: none may be missing there."""
+    import re
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[2] / "celery_scheduller" / "metrics.py").read_text()
+    names = set(re.findall(r'PREFIX \+ "([a-z_]+)"', source)) | set(re.findall(r'\("([a-z_]+)", "[A-Z]', source))
+    page = (Path(__file__).resolve().parents[2] / "docs" / "howto" / "observe.md").read_text()
+    assert len(names) >= 20
+    missing = sorted(name for name in names if f"celery_scheduller_{name}" not in page)
+    assert missing == []
+
+
+def test_the_json_lines_formatter_keeps_the_extras():
+    import json
+    import logging
+
+    from celery_scheduller.logs import JsonLinesFormatter
+
+    record = logging.LogRecord("celery_scheduller", logging.INFO, __file__, 1, "alarm %s finished", ("a-1",), None)
+    record.alarm_id, record.action, record.attempt = "a-1", "finished", 2
+    line = json.loads(JsonLinesFormatter().format(record))
+    assert line["message"] == "alarm a-1 finished"
+    assert (line["alarm_id"], line["action"], line["attempt"], line["level"]) == ("a-1", "finished", 2, "INFO")
+    assert line["time"].endswith("+00:00")
