@@ -173,3 +173,20 @@ def test_the_dashboard_needs_the_view_permission(client) -> None:
     User.objects.create_user("nobody", password="pw", is_staff=True)
     client.login(username="nobody", password="pw")
     assert client.get("/admin/celery_scheduller/alarm/dashboard/").status_code == 403
+
+
+def test_the_web_view_serves_the_table_gauges(client) -> None:
+    TestAlarms().dispatch(Message.new("testapp.record", id="gauged"), "agg", in_ms=3_600_000)
+    body = client.get("/metrics").content.decode()
+    assert 'celery_scheduller_pending{scheduller="tests"} 1.0' in body
+    assert 'celery_scheduller_backlog{scheduller="tests"} 0.0' in body
+
+
+def test_a_metrics_port_needs_a_valid_port() -> None:
+    from django.test import override_settings
+
+    from celery_scheduller.conf import settings
+    from celery_scheduller.exceptions import ConfigurationError
+
+    with override_settings(CELERY_SCHEDULLER_METRICS_PORT=70_000), pytest.raises(ConfigurationError, match="TCP port"):
+        settings.port("METRICS_PORT")

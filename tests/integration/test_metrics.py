@@ -20,7 +20,7 @@ from tests.ops import Prometheus, free_port, start_beat, start_worker, stop_all,
 from tests.testapp.alarms import BrokenAlarms, TestAlarms
 from tests.testapp.models import Run
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.operations]
 
 DEPLOY = ROOT / "docs" / "deploy"
 OK_ALARMS, RETRIED, FAILED, CANCELLED, ORPHANS = 200, 30, 10, 5, 5
@@ -222,20 +222,3 @@ def _grafana_metric_names() -> set[str]:
 
 def _alert_metric_names() -> set[str]:
     return _names_in((DEPLOY / "prometheus-alerts.yml").read_text())
-
-
-def test_the_web_view_serves_the_table_gauges(client) -> None:
-    TestAlarms().dispatch(Message.new("testapp.record", id="gauged"), "agg", in_ms=3_600_000)
-    body = client.get("/metrics").content.decode()
-    assert 'celery_scheduller_pending{scheduller="tests"} 1.0' in body
-    assert 'celery_scheduller_backlog{scheduller="tests"} 0.0' in body
-
-
-def test_a_metrics_port_needs_a_valid_port() -> None:
-    from django.test import override_settings
-
-    from celery_scheduller.conf import settings
-    from celery_scheduller.exceptions import ConfigurationError
-
-    with override_settings(CELERY_SCHEDULLER_METRICS_PORT=70_000), pytest.raises(ConfigurationError, match="TCP port"):
-        settings.port("METRICS_PORT")

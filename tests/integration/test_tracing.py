@@ -18,7 +18,7 @@ from tests.conftest import wait_for
 from tests.ops import start_beat, start_worker, stop_all, subprocess_env
 from tests.testapp.alarms import TestAlarms
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.operations]
 
 
 @pytest.fixture(scope="module")
