@@ -96,7 +96,10 @@ class Prometheus:
             }
             for job, ports in targets.items()
         ]
-        config: dict[str, Any] = {"global": {"scrape_interval": "1s"}, "scrape_configs": jobs}
+        config: dict[str, Any] = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": jobs,
+        }
         if rules is not None:
             config["rule_files"] = [str(rules)]
         config_file = workdir / "prometheus.yml"
