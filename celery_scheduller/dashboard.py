@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 from html import escape
 from typing import Any
 
@@ -125,14 +126,14 @@ def _minutes(start: dt.datetime, count: int) -> list[dt.datetime]:
 WIDTH, HEIGHT, LEFT, BOTTOM, TOP = 900, 180, 48, 22, 10
 
 
-def _frame(top: float, unit: str, labels: list[tuple[int, str]], slots: int) -> list[str]:
-    """Axes: the top value on the left, time labels under the slots."""
+def _frame(top: float, unit: str, labels: list[tuple[int, str]], slots: int, bottom: str = "0") -> list[str]:
+    """Axes: the top value on the left (and ``bottom`` at the bottom), time labels under the slots."""
     plot_w, plot_h = WIDTH - LEFT - 8, HEIGHT - BOTTOM - TOP
     parts = [
         f'<line x1="{LEFT}" y1="{TOP + plot_h}" x2="{WIDTH - 8}" y2="{TOP + plot_h}" stroke="#999"/>',
         f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}" stroke="#999"/>',
         f'<text x="{LEFT - 4}" y="{TOP + 9}" text-anchor="end" font-size="10">{escape(_number(top))}{unit}</text>',
-        f'<text x="{LEFT - 4}" y="{TOP + plot_h}" text-anchor="end" font-size="10">0</text>',
+        f'<text x="{LEFT - 4}" y="{TOP + plot_h}" text-anchor="end" font-size="10">{escape(bottom)}</text>',
     ]
     for index, text in labels:
         x = LEFT + plot_w * (index + 0.5) / slots
@@ -183,11 +184,17 @@ def bars(name: str, title: str, minutes: list[dt.datetime], series: dict[str, li
 
 
 def lines(name: str, title: str, minutes: list[dt.datetime], series: dict[str, list[float | None]]) -> str:
-    """Lines per minute (milliseconds), one per series; a minute without a value breaks the line."""
+    """Lines per minute (milliseconds, on a logarithmic scale from 0.5 ms: a p50 of 1 ms and a p99 of 500 ms
+    both show), one per series; a minute without a value breaks the line."""
     slots = len(minutes)
-    top = max([value for values in series.values() for value in values if value is not None] or [0]) or 1
+    top = max([value for values in series.values() for value in values if value is not None] or [0])
+    top = max(top, 10.0)
     plot_w, plot_h = WIDTH - LEFT - 8, HEIGHT - BOTTOM - TOP
-    parts = _frame(top, " ms", _time_labels(minutes, 10), slots)
+    parts = _frame(top, " ms", _time_labels(minutes, 10), slots, bottom="0.5 ms")
+
+    def height(value: float) -> float:  # 0.5 ms at the axis, so the 1 ms bucket stands above it
+        return plot_h * math.log10(max(value, 0.5) / 0.5) / math.log10(top / 0.5)
+
     for key, colour in zip(series, ("#417690", "#c0392b"), strict=False):
         points: list[str] = []
         runs: list[list[str]] = [points]
@@ -197,7 +204,7 @@ def lines(name: str, title: str, minutes: list[dt.datetime], series: dict[str, l
                 runs.append(points)
                 continue
             x = LEFT + plot_w * (index + 0.5) / slots
-            y = TOP + plot_h - plot_h * value / top
+            y = TOP + plot_h - height(value)
             points.append(f"{x:.1f},{y:.1f}")
             parts.append(
                 f'<circle class="point" data-series="{key}" data-value="{value:g}" cx="{x:.1f}" cy="{y:.1f}" r="2" '
