@@ -75,9 +75,7 @@ def _on_prerun(task_id: str, task: Any, **_: Any) -> None:
     raw = getattr(request, HEADER, None) or (getattr(request, "headers", None) or {}).get(HEADER)
     found = _delivery_of({HEADER: raw}, getattr(request, "kwargs", None), task_id) if raw else None
     _delivery.set(found)
-    _running.set(None)
-    if found is not None:
-        _running.set(_started(*found, request))
+    _running.set(None if found is None else _started(*found, request))
 
 
 def _started(ref: AttemptRef, message: Message, request: Any) -> tuple[float, Any]:
@@ -214,7 +212,7 @@ def _stop_writer(**_: Any) -> None:
 
 
 def _pool_process_exited(pid: int = 0, **_: Any) -> None:
-    """Main process: a prefork pool process exited; its live figures are dropped (multiprocess metrics)."""
+    """A prefork pool process is exiting: its live figures are dropped (multiprocess metrics)."""
     metrics.process_exited(pid)
 
 

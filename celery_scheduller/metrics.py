@@ -36,16 +36,9 @@ BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
 GAUGE_CACHE = 5.0
 #: Each count of a table gauge stops at this many rows (a gauge at it means "at least").
 GAUGE_COUNT_LIMIT = 1_000_000
-#: The answers' outcomes (``answered_total``'s ``outcome`` label).
-OUTCOMES = ("ok", "error", "timeout", "lost", "time_limit")
 
 PREFIX = "celery_scheduller_"
 _lock = threading.RLock()
-
-
-def enabled() -> bool:
-    """True when ``prometheus-client`` is installed: the figures are kept (serving them is separate)."""
-    return prometheus_client is not None
 
 
 class _Metrics:

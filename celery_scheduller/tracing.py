@@ -38,10 +38,6 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 _run_span: contextvars.ContextVar[Any] = contextvars.ContextVar("celery_scheduller_run_span", default=None)
 
 
-def available() -> bool:
-    return trace is not None
-
-
 def carrier() -> dict[str, str] | None:
     """The current trace context as W3C headers, or None without a recording span (no SDK, no trace)."""
     if trace is None or not trace.get_current_span().get_span_context().is_valid:

@@ -48,34 +48,26 @@ def start_worker(log: Path, *argv: str, env: dict[str, str] | None = None) -> su
         "PYTHONPATH": str(ROOT),
         **(env or {}),
     }
+    options = ["-P", "prefork", "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    return start_celery(log, ["worker", *options, *argv], env, "ready.")
+
+
+def start_celery(log: Path, argv: list[str], env: dict[str, str], ready: str) -> subprocess.Popen[bytes]:
+    """Start ``celery -A tests.celery_app <argv>`` with ``env``, its output in ``log``; wait until the log
+    says ``ready``."""
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tests.celery_app",
-                "worker",
-                "-P",
-                "prefork",
-                "-l",
-                "INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                *argv,
-            ],
+            [sys.executable, "-m", "celery", "-A", "tests.celery_app", *argv],
             cwd=ROOT,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 60
-    while "ready." not in log.read_text():
+    while ready not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"celery worker did not start:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"celery {argv[0]} did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
     return proc
 

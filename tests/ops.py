@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, stop
+from tests.conftest import ROOT, start_celery, stop
 
 
 def free_port() -> int:
@@ -41,34 +40,15 @@ def subprocess_env(queue: str, **extra: str) -> dict[str, str]:
     }
 
 
-def start(log: Path, argv: list[str], env: dict[str, str], ready: str) -> subprocess.Popen[bytes]:
-    """Start ``celery -A tests.celery_app <argv>``; wait until its log says ``ready``."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.celery_app", *argv],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while ready not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{argv[0]} did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    return proc
-
-
 def start_beat(log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     schedule = str(log.with_suffix(".schedule"))
-    return start(log, ["beat", "-S", "celery_scheduller", "-l", "INFO", "-s", schedule], env, "beat: Starting")
+    return start_celery(log, ["beat", "-S", "celery_scheduller", "-l", "INFO", "-s", schedule], env, "beat: Starting")
 
 
 def start_worker(log: Path, env: dict[str, str], pool: str, concurrency: int, name: str) -> subprocess.Popen[bytes]:
     argv = ["worker", "-P", pool, "-c", str(concurrency), "-l", "INFO", "-Q", env["CSCHED_QUEUE"]]
     argv += ["-n", f"{name}-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    return start(log, argv, env, "ready.")
+    return start_celery(log, argv, env, "ready.")
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
