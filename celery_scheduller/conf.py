@@ -92,8 +92,9 @@ SPECS: tuple[Spec, ...] = (
         "MAX_IN_FLIGHT",
         1_000,
         "alarms",
-        "Most published attempts awaiting their answer, across all beats (None: no limit). Beyond it beat leaves "
-        "due alarms pending instead of queueing more than the workers can run before their deadlines pass.",
+        "Most attempts due and awaiting their answer, across all beats (None: no limit). Beyond it beat leaves "
+        "due alarms pending instead of queueing more than the workers can run before their deadlines pass. An "
+        "attempt published ahead (PUBLISH_AHEAD) counts from its due time: until then the lead bounds them.",
         none_allowed=True,
     ),
     Spec(
@@ -104,6 +105,18 @@ SPECS: tuple[Spec, ...] = (
         "which the worker holds and starts on time (0: published when due, as a task without ``eta``). "
         "``cancel`` and ``reschedule`` keep their meaning while a worker holds it: it is revoked, and the "
         "worker runs it only if it is still its alarm's published attempt when due.",
+        minimum=0,
+        maximum=MAX_PUBLISH_AHEAD,
+    ),
+    Spec(
+        "PUBLISH_AHEAD_MAX",
+        10_000,
+        "ms",
+        "How far ahead beat publishes a burst: when some second within this much time has more than 1,000 "
+        "alarms due (``planning.BURST``), beat publishes every alarm due up to the end of that second at once, "
+        "so the workers take the burst in before it is due rather than while it runs. Not more than it: "
+        "PUBLISH_AHEAD for the rest. 0, or at most PUBLISH_AHEAD, or PUBLISH_AHEAD = 0: never earlier than "
+        "PUBLISH_AHEAD.",
         minimum=0,
         maximum=MAX_PUBLISH_AHEAD,
     ),
@@ -301,6 +314,11 @@ class Settings:
     def publish_ahead(self) -> int:
         """PUBLISH_AHEAD (ms), from 0 to MAX_PUBLISH_AHEAD."""
         value: int = self.get("PUBLISH_AHEAD")
+        return value
+
+    def publish_ahead_max(self) -> int:
+        """PUBLISH_AHEAD_MAX (ms), from 0 to MAX_PUBLISH_AHEAD."""
+        value: int = self.get("PUBLISH_AHEAD_MAX")
         return value
 
     def port(self, name: str) -> int | None:

@@ -23,7 +23,7 @@ from .clock import to_datetime
 from .conf import settings
 from .exceptions import ConfigurationError, PublishFailed, SchedullerError
 from .message import Message, Response, describe
-from .planning import DueHeap, Window, claim_gap, next_wakeup
+from .planning import BURST, DueHeap, Window, claim_gap, next_wakeup
 from .scheduller import Scheduller
 from .sender import TaskSender
 from .store import Store
@@ -131,6 +131,7 @@ class AlarmEngine:
         # the room under MAX_IN_FLIGHT as last counted (for that cap), less what this beat claimed since
         self._room: tuple[int, int, float] | None = None  # (cap, room, counted at)
         self._floor: dt.datetime | None = None  # claims between polls start here (None: the beginning)
+        self._burst_until = float("-inf")  # a burst found in the heap: published ahead up to here (``_lead``)
         self._expected: list[str] = []  # ids of held alarms that came due for this tick's claim
 
     def tick(self, now: float, producer: Any) -> float:
@@ -142,7 +143,7 @@ class AlarmEngine:
         for name in names:
             self._load_window(name, now)
         self._hold_announced(names)
-        ahead = settings.publish_ahead() / 1000
+        ahead = self._lead(now)
         polling = now >= self.next_poll_at
         more = False
         # a full batch last time means more is due now: claim again without waiting for the poll;
@@ -188,6 +189,26 @@ class AlarmEngine:
         self.callbacks.close()
         writer.default.stop()
         activity.default.flush_at_exit()
+
+    def _lead(self, now: float) -> float:
+        """How far ahead of their due time alarms are claimed now (seconds): PUBLISH_AHEAD, or up to
+        PUBLISH_AHEAD_MAX to the end of a burst (``planning.BURST``) the heap holds, kept until that burst's
+        end (its claims take it batch by batch after the heap let it go)."""
+        base = settings.publish_ahead() / 1000
+        longest = settings.publish_ahead_max() / 1000
+        if base <= 0 or longest <= base:
+            return base
+        ends = self.heap.burst_ends(now + base, now + longest)
+        if ends is not None and ends > self._burst_until:
+            self._burst_until = ends
+            logger.info(
+                "%s alarms or more due within one second at %s: published up to %.1f s ahead",
+                BURST,
+                to_datetime(ends - 1).isoformat(),
+                min(longest, ends - now),
+                extra={"action": "burst_ahead"},
+            )
+        return max(base, min(longest, self._burst_until - now))
 
     def _next_claim(self, ahead: float) -> float | None:
         """When the next held alarm is to be published (``ahead`` seconds before it is due), claims at

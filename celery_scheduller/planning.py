@@ -36,12 +36,20 @@ class Window:
         self.next_load_at = now + self.interval
 
 
+#: More alarms than this due within one second make a burst: beat publishes it ahead by up to
+#: PUBLISH_AHEAD_MAX rather than PUBLISH_AHEAD (``DueHeap.burst_ends``). About what one worker process takes
+#: in from the broker in a second here; a steadier stream is published PUBLISH_AHEAD ahead.
+BURST = 1_000
+
+
 class DueHeap:
-    """Alarm ids by due time, each id held once: the in-memory window."""
+    """Alarm ids by due time, each id held once: the in-memory window, with a count per second of due time
+    (``burst_ends``)."""
 
     def __init__(self) -> None:
         self._entries: list[tuple[float, str]] = []
         self._held: dict[str, float] = {}
+        self._per_second: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._held)
@@ -55,17 +63,35 @@ class DueHeap:
             return False
         self._held[alarm_id] = due
         heapq.heappush(self._entries, (due, alarm_id))
+        second = int(due)
+        self._per_second[second] = self._per_second.get(second, 0) + 1
         return True
 
     def pop_due(self, now: float) -> list[str]:
         """Remove and return every held id due at or before ``now``, earliest first."""
         due: list[str] = []
         entries = self._entries
+        per_second = self._per_second
         while entries and entries[0][0] <= now:
-            _, alarm_id = heapq.heappop(entries)
+            at, alarm_id = heapq.heappop(entries)
+            second = int(at)
+            left = per_second[second] - 1
+            if left:
+                per_second[second] = left
+            else:
+                del per_second[second]
             if self._held.pop(alarm_id, None) is not None:
                 due.append(alarm_id)
         return due
+
+    def burst_ends(self, after: float, until: float, burst: int = BURST) -> float | None:
+        """The end of the first second (of due time) from ``after`` to ``until`` in which more than ``burst``
+        held alarms are due, or None: where beat's lead stretches to (``PUBLISH_AHEAD_MAX``)."""
+        per_second = self._per_second
+        for second in range(int(after), int(until) + 1):
+            if per_second.get(second, 0) > burst:
+                return float(second + 1)
+        return None
 
     def next_due(self) -> float | None:
         """The earliest due time held, or None when empty."""

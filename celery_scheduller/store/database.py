@@ -114,11 +114,12 @@ class DatabaseStore:
         )
         return rows
 
-    def count_in_flight(self, schedullers: Sequence[str], up_to: int) -> int:
-        """How many attempts of these Schedullers are published and unanswered, counting at most ``up_to``."""
+    def count_in_flight(self, schedullers: Sequence[str], up_to: int, now: dt.datetime) -> int:
+        """How many attempts of these Schedullers are published, due by ``now`` and unanswered, counting at
+        most ``up_to`` (one published ahead counts from its due time: ``MAX_IN_FLIGHT``)."""
         if _on_postgresql():  # beat asks before claims: a prepared statement, not the ORM
-            return postgres.count_in_flight(schedullers, up_to)
-        return orm.count_in_flight(schedullers, up_to)
+            return postgres.count_in_flight(schedullers, up_to, now)
+        return orm.count_in_flight(schedullers, up_to, now)
 
     def claim_due(
         self,
@@ -149,7 +150,7 @@ class DatabaseStore:
         (before this claim) and the claimed rows. One statement on PostgreSQL."""
         if _on_postgresql():
             return postgres.claim_within(schedullers, now, limit, cap, until, since)
-        room = cap - self.count_in_flight(schedullers, cap)
+        room = cap - self.count_in_flight(schedullers, cap, now)
         return room, self.claim_due(schedullers, now, min(limit, room), until, since) if room > 0 else []
 
     def release(self, refs: Iterable[AttemptRef], now: dt.datetime) -> int:

@@ -109,9 +109,11 @@ class MemoryStore:
         found = [row for row in self.rows.values() if row["state"] == "pending" and row["scheduller"] in schedullers]
         return sorted(found, key=lambda row: row["dispatch_at"])
 
-    def count_in_flight(self, schedullers: Sequence[str], up_to: int) -> int:
+    def count_in_flight(self, schedullers: Sequence[str], up_to: int, now: dt.datetime) -> int:
         self.calls.append(("count",))
-        published = [row for row in self.rows.values() if row["state"] == t.CLAIM.target]
+        published = [
+            row for row in self.rows.values() if row["state"] == t.CLAIM.target and row["dispatch_at"] <= now
+        ]
         return min(up_to, sum(row["scheduller"] in schedullers for row in published))
 
     def claim_due(
@@ -142,7 +144,7 @@ class MemoryStore:
         until: dt.datetime | None = None,
         since: dt.datetime | None = None,
     ) -> tuple[int, list[dict[str, Any]]]:
-        room = cap - self.count_in_flight(schedullers, cap)
+        room = cap - self.count_in_flight(schedullers, cap, now)
         return room, self.claim_due(schedullers, now, min(limit, room), until, since) if room > 0 else []
 
     def release(self, refs: Iterable[AttemptRef], now: dt.datetime) -> int:

@@ -138,8 +138,9 @@ def claim(
     return rows
 
 
-def count_in_flight(schedullers: Sequence[str], up_to: int) -> int:
-    return Alarm.objects.filter(state=t.CLAIM.target, scheduller__in=schedullers).values("pk")[:up_to].count()
+def count_in_flight(schedullers: Sequence[str], up_to: int, now: dt.datetime) -> int:
+    published = Alarm.objects.filter(state=t.CLAIM.target, scheduller__in=schedullers, dispatch_at__lte=now)
+    return published.values("pk")[:up_to].count()
 
 
 def lease_timeouts(

@@ -250,8 +250,9 @@ FINISH_REMOVED_MANY = GuardedMany(t.FINISH, remove=True)
 
 # -- claim ----------------------------------------------------------------------------------------------------
 
-# the published attempts of the Schedullers ``ANY(%s)``, at most ``LIMIT %s`` of them
-IN_FLIGHT = f"SELECT 1 FROM {ALARM} WHERE state = %s AND scheduller = ANY(%s) LIMIT %s"
+# the published attempts of the Schedullers ``ANY(%s)`` due by ``%s``, at most ``LIMIT %s`` of them (one range
+# of the (scheduller, state, dispatch_at) index per Scheduller)
+IN_FLIGHT = f"SELECT 1 FROM {ALARM} WHERE state = %s AND scheduller = ANY(%s) AND dispatch_at <= %s LIMIT %s"
 COUNT_IN_FLIGHT = f"SELECT count(*) FROM ({IN_FLIGHT}) f"
 
 
@@ -312,7 +313,7 @@ def claim_within_params(
     until: dt.datetime | None = None,
     since: dt.datetime | None = None,
 ) -> list[Any]:
-    return [cap, t.CLAIM.target, list(schedullers), cap, *claim_params(schedullers, now, limit, until, since)]
+    return [cap, t.CLAIM.target, list(schedullers), now, cap, *claim_params(schedullers, now, limit, until, since)]
 
 
 def claim(
@@ -338,9 +339,9 @@ def claim_within(
     return int(found[0][0]), decoded([values[1:] for values in found if values[1] is not None])
 
 
-def count_in_flight(schedullers: Sequence[str], up_to: int) -> int:
+def count_in_flight(schedullers: Sequence[str], up_to: int, now: dt.datetime) -> int:
     with bound_cursor() as cursor:
-        cursor.execute(COUNT_IN_FLIGHT, [t.CLAIM.target, list(schedullers), up_to])
+        cursor.execute(COUNT_IN_FLIGHT, [t.CLAIM.target, list(schedullers), now, up_to])
         return int(cursor.fetchone()[0])
 
 

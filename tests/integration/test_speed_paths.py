@@ -368,10 +368,27 @@ def test_the_in_flight_count_is_of_the_named_schedullers_published_attempts_and_
     FaultAlarms().dispatch_many([(Message.new("testapp.stale", id=f"theirs-{n}"), "agg", past) for n in range(3)])
     store.claim_due([TestAlarms.name], dt.datetime.now(dt.UTC), 5)  # five of ours published, one pending
     store.claim_due([FaultAlarms.name], dt.datetime.now(dt.UTC), 10)
-    assert store.count_in_flight([TestAlarms.name], 100) == 5
-    assert store.count_in_flight([TestAlarms.name], 3) == 3
-    assert store.count_in_flight([TestAlarms.name, FaultAlarms.name], 100) == 8
-    assert store.count_in_flight(["nobody"], 100) == 0
+    now = dt.datetime.now(dt.UTC)
+    assert store.count_in_flight([TestAlarms.name], 100, now) == 5
+    assert store.count_in_flight([TestAlarms.name], 3, now) == 3
+    assert store.count_in_flight([TestAlarms.name, FaultAlarms.name], 100, now) == 8
+    assert store.count_in_flight(["nobody"], 100, now) == 0
+    assert store.count_in_flight([TestAlarms.name], 100, past - dt.timedelta(seconds=1)) == 0  # none due yet
+
+
+def test_attempts_published_ahead_count_towards_the_cap_from_their_due_time():
+    now = dt.datetime.now(dt.UTC)
+    soon = now + dt.timedelta(seconds=30)
+    TestAlarms().dispatch_many([(Message.new("testapp.stale", id=f"held-{n}"), "agg", soon) for n in range(4)])
+    TestAlarms().dispatch_many([(Message.new("testapp.stale", id=f"due-{n}"), "agg", now) for n in range(3)])
+    names = [TestAlarms.name]
+    room, rows = store.claim_due_within(names, now, 100, 5, until=soon)  # published ahead, not yet due
+    assert room == 5 and len(rows) == 5
+    assert store.count_in_flight(names, 100, now) == 3  # the three due; the two held ahead of time do not count
+    assert store.count_in_flight(names, 100, soon) == 5
+    room, rows = store.claim_due_within(names, now, 100, 5, until=soon)
+    assert room == 2 and len(rows) == 2  # the last two held ones: the cap counts only what is due
+    assert store.claim_due_within(names, soon, 100, 5, until=soon) == (0, [])
 
 
 def test_a_bad_max_in_flight_is_a_system_check_error(settings):

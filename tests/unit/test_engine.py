@@ -187,6 +187,57 @@ def test_publishing_ahead_claims_a_stream_every_quarter_lead_and_a_soon_due_alar
     assert "now" in sent_ids(beat)
 
 
+def _drain(beat: AlarmEngine, clock: Clock, seconds: float) -> None:
+    """Tick at ``seconds`` until beat waits (a full batch claims again at once)."""
+    for _ in range(100):
+        if tick(beat, clock, seconds) > 0:
+            return
+    raise AssertionError("beat kept claiming")
+
+
+def test_a_burst_is_published_up_to_publish_ahead_max_ahead_and_a_stream_only_publish_ahead(
+    beat, memory, clock, settings
+):
+    settings.CELERY_SCHEDULLER_PUBLISH_AHEAD = 1_000
+    settings.CELERY_SCHEDULLER_PUBLISH_AHEAD_MAX = 5_000
+    settings.CELERY_SCHEDULLER_BATCH_SIZE = 500
+    settings.CELERY_SCHEDULLER_MAX_IN_FLIGHT = 1_000
+    for n in range(1_000):
+        memory.add(f"s-{n:04}", at(1.0 + n * 0.01))  # 100 a second from 1.0 s to 11 s: a stream
+    for n in range(1_500):
+        memory.add(f"b-{n:04}", at(9.2 + n * 0.0005))  # 1,500 due between 9.2 and 9.95 s: a burst
+    _drain(beat, clock, 0.0)
+    assert sent_ids(beat) == ["s-0000"]  # the burst is further than PUBLISH_AHEAD_MAX: the stream's lead
+    _drain(beat, clock, 3.0)
+    assert len(sent_ids(beat)) == 301 and beat._lead(T0 + 3.0) == 1.0  # due by 4 s; nothing of the burst
+    _drain(beat, clock, 5.0)  # the burst's second ends at 10 s, within 5 s: everything due by then goes out
+    sent = beat.sender.sent
+    burst = [(message_id, eta) for message_id, _attempt, eta in sent if message_id.startswith("b-")]
+    assert len(burst) == 1_500 and all(eta == at(9.2 + int(message_id[2:]) * 0.0005) for message_id, eta in burst)
+    assert max(message_id for message_id, _a, _e in sent if message_id.startswith("s-")) == "s-0900"  # due at 10 s
+    # none of it was due: MAX_IN_FLIGHT (1,000) counts an attempt from its due time, so 2,401 went out
+    assert len(sent) == 2_401 and memory.count_in_flight(["tests"], 10_000, at(5.0)) == 401
+    assert beat._lead(T0 + 5.5) == pytest.approx(4.5)  # the lead reaches the burst's end until it is past
+    _drain(beat, clock, 5.5)
+    assert len(sent_ids(beat)) == 2_401
+
+
+def test_without_publishing_ahead_or_with_a_maximum_not_above_it_a_burst_is_not_published_earlier(
+    beat, memory, clock, settings
+):
+    settings.CELERY_SCHEDULLER_PUBLISH_AHEAD = 1_000
+    settings.CELERY_SCHEDULLER_PUBLISH_AHEAD_MAX = 1_000
+    for n in range(1_500):
+        memory.add(f"b-{n:04}", at(5.0 + n * 0.0005))
+    _drain(beat, clock, 0.0)
+    _drain(beat, clock, 3.0)
+    assert sent_ids(beat) == []
+    assert beat._lead(T0 + 3.0) == 1.0
+    settings.CELERY_SCHEDULLER_PUBLISH_AHEAD = 0
+    settings.CELERY_SCHEDULLER_PUBLISH_AHEAD_MAX = 10_000
+    assert beat._lead(T0 + 3.0) == 0.0
+
+
 def test_the_cap_holds_claims_back_and_the_throttle_looks_again_after_a_pause(beat, memory, clock, settings):
     settings.CELERY_SCHEDULLER_MAX_IN_FLIGHT = 4
     for n in range(6):
