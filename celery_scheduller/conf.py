@@ -233,6 +233,16 @@ SPECS: tuple[Spec, ...] = (
         "(0: store each at once).",
         minimum=0,
     ),
+    Spec(
+        "WORKER_GC_FREEZE",
+        True,
+        "bool",
+        "Once a worker process has started (``worker_ready``; a prefork child at ``worker_process_init``), "
+        "it moves every object it holds then (modules, Django's and Celery's own) out of the garbage "
+        "collector's view (``gc.freeze()``): the collector's full passes then scan only what came later, so "
+        "they pause the loop that starts held alarms for a few ms rather than tens. What is frozen is never "
+        "collected. False: the collector as Python sets it.",
+    ),
 )
 
 _SPECS = {spec.name: spec for spec in SPECS}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import heapq
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -113,8 +114,11 @@ class Guard:
     failed, is looked at again when due and every ``RECHECK`` until it is decided or its deadline passes
     (then beat answers the attempt as lost); it is never run unchecked."""
 
-    def __init__(self, consumer: Any) -> None:
+    def __init__(self, consumer: Any, looker: Looker | None = None) -> None:
         self.consumer = consumer
+        #: where the looks ahead run: a thread of their own (``Looker``), or None for the event loop itself
+        self.looker = looker
+        self._lock = threading.Lock()  # ``decided`` is written by the looker's thread, read by the event loop
         self.decided: dict[str, str] = {}  # task id -> the verdict of the look ahead (RUN or DROP)
         self.slots: dict[float, list[tuple[Any, Any]]] = {}  # look time -> (request, attempt) to look at then
         self.waiting: list[tuple[Callable[..., Any], Any, tuple[Any, ...], Any]] = []  # due, not yet decided
@@ -143,23 +147,38 @@ class Guard:
         self.slots[slot].append((request, ref))
 
     def _look(self, slot: float, waited: float = 0.0) -> None:
-        from .store import orm
-
+        if self.looker is not None:  # the looker's thread waits for a quiet moment, the event loop does not
+            batch = self.slots.pop(slot, [])
+            if batch:
+                self.looker.submit(batch)
+            return
         pause = min(quiet_delay(LOOK_ROOM, LOOK_WIGGLE), LOOK_WIGGLE - waited)
         if pause > 0 and slot in self.slots:  # a held alarm comes due meanwhile: look just after it
             self.consumer.hub.call_later(pause, self._look, slot, waited + pause)
             return
         batch = self.slots.pop(slot, [])
-        if not batch:
-            return
-        if len(self.decided) > MAX_DECIDED:  # verdicts of tasks never handed on (their timer cancelled on a
-            for task_id in list(self.decided)[: MAX_DECIDED // 2]:  # lost connection: redelivered): the oldest
-                del self.decided[task_id]
+        if batch:
+            self.decide(batch)
+
+    def decide(self, batch: list[tuple[Any, Any]]) -> None:
+        """Look up (request, attempt) pairs and keep each verdict until its task comes due; from the event
+        loop or the looker's thread. A row another transaction holds, or a failed look, leaves its delivery
+        to be looked at again when due."""
+        from .store import orm
+
         verdicts = self._verdicts([ref for _, ref in batch])
-        for request, ref in batch:
-            verdict = verdicts.get(ref.pk, orm.WAIT)
-            if verdict != orm.WAIT:  # else looked at again when due
-                self.decided[request.id] = verdict
+        with self._lock:
+            if len(self.decided) > MAX_DECIDED:  # verdicts of tasks never handed on (their timer cancelled on
+                for task_id in list(self.decided)[: MAX_DECIDED // 2]:  # a lost connection: redelivered)
+                    del self.decided[task_id]
+            for request, ref in batch:
+                verdict = verdicts.get(ref.pk, orm.WAIT)
+                if verdict != orm.WAIT:  # else looked at again when due
+                    self.decided[request.id] = verdict
+
+    def _verdict_of(self, request: Any) -> str | None:
+        with self._lock:
+            return self.decided.pop(str(getattr(request, "id", "")), None)
 
     # -- at the due time ---------------------------------------------------------------------------------------
 
@@ -170,7 +189,7 @@ class Guard:
         @functools.wraps(on_due)
         def guarded(request: Any, *args: Any) -> Any:
             compat.drop_timer_entry(request)
-            verdict = self.decided.pop(str(getattr(request, "id", "")), None)
+            verdict = self._verdict_of(request)
             if verdict == orm.RUN:
                 return on_due(request, *args)
             ref = _held_attempt(request)
@@ -181,7 +200,7 @@ class Guard:
             # not looked at ahead (received late, its look not yet run, or its row locked then): look now,
             # with every delivery whose look is overdue (a backlog: many), in one lookup
             self._look_overdue((request, ref))
-            verdict = self.decided.pop(str(getattr(request, "id", "")), None)
+            verdict = self._verdict_of(request)
             if verdict is not None:
                 return self._hand_on(on_due, request, args, verdict, ref)
             self.waiting.append((on_due, request, args, ref))  # its row is locked, or the lookup failed
@@ -193,17 +212,11 @@ class Guard:
     def _look_overdue(self, due: tuple[Any, Any]) -> None:
         """Decide ``due`` (request, attempt) now, with every delivery whose look's time has passed: where the
         event loop is behind (a burst), the timer entries of the looks wait behind those of the tasks."""
-        from .store import orm
-
         now = time.time()
         batch = [due]
         for slot in [slot for slot in self.slots if slot <= now]:
             batch.extend(found for found in self.slots.pop(slot) if found[0] is not due[0])
-        verdicts = self._verdicts([ref for _, ref in batch])
-        for request, ref in batch:
-            verdict = verdicts.get(ref.pk, orm.WAIT)
-            if verdict != orm.WAIT:
-                self.decided[request.id] = verdict
+        self.decide(batch)
 
     def _schedule_decision(self, delay: float) -> None:
         hub = getattr(self.consumer, "hub", None)
@@ -259,6 +272,41 @@ class Guard:
             )
             db.close_if_unusable()
             return {}
+
+
+class Looker:
+    """Runs the guard's looks ahead on a thread of its own, with a database connection of its own, so the
+    event loop that starts the held tasks never waits on the database for them: at its slot's time the loop
+    hands the batch over, and the thread looks it up (at a moment when no held alarm comes due:
+    ``LOOK_ROOM``, at most ``LOOK_WIGGLE`` later) and leaves the verdicts for the tasks' due times. Not on
+    SQLite, whose single writer lock a second connection would only contend for (``writer.serves``)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[list[tuple[Any, Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, batch: list[tuple[Any, Any]]) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="celery_scheduller-guard", daemon=True)
+            self._thread.start()
+        self._queue.put(batch)
+
+    def _run(self) -> None:
+        writer.own_connection()
+        while True:
+            batch = self._queue.get()
+            wait_for_quiet(LOOK_ROOM, LOOK_WIGGLE)
+            while len(batch) < MAX_LOOK:  # batches that came while this one waited share its statement
+                try:
+                    batch = batch + self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if _guard:
+                _guard[0].decide(batch)
+
+
+#: The most deliveries one look takes up (the rest go in the next).
+MAX_LOOK = 2_000
 
 
 class DueTimes:
@@ -345,7 +393,7 @@ class GuardHeldAlarms(bootsteps.Step):
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         # Built with the consumer, before its Tasks step reads these callbacks into each task's strategy.
-        guard = Guard(parent)
+        guard = Guard(parent, Looker() if writer.serves() else None)
         _guard[:] = [guard]
         writer.default.before_store = functools.partial(wait_for_quiet, WRITE_ROOM, MAX_QUIET_WAIT)
         for name in compat.eta_callbacks(parent):

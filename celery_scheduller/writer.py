@@ -98,7 +98,7 @@ class ResponseWriter:
     def _run(self, pending: queue.SimpleQueue[Decided | threading.Event]) -> None:
         from . import db
 
-        _own_connection()
+        own_connection()
         stops: list[threading.Event] = []
         while not stops or not pending.empty():  # once stopping, also what was submitted meanwhile
             batch = [pending.get()]
@@ -152,7 +152,7 @@ def serves() -> bool:
     return db.vendor() != "sqlite"
 
 
-def _own_connection() -> None:
+def own_connection() -> None:
     """Give the calling thread a database connection outside Django's connection pool (Django 5.1+,
     ``OPTIONS["pool"]``). The pool is shared by the process's threads, and Celery's Django fixup closes
     it around every task in a prefork child: a writer that drew from it would find it closed when it

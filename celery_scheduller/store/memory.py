@@ -111,9 +111,7 @@ class MemoryStore:
 
     def count_in_flight(self, schedullers: Sequence[str], up_to: int, now: dt.datetime) -> int:
         self.calls.append(("count",))
-        published = [
-            row for row in self.rows.values() if row["state"] == t.CLAIM.target and row["dispatch_at"] <= now
-        ]
+        published = [row for row in self.rows.values() if row["state"] == t.CLAIM.target and row["dispatch_at"] <= now]
         return min(up_to, sum(row["scheduller"] in schedullers for row in published))
 
     def claim_due(

@@ -226,24 +226,32 @@ RUN, DROP, WAIT = "run", "drop", "wait"
 def held_verdicts(refs: Sequence[AttemptRef]) -> dict[int, str]:
     """For each held attempt (by pk): ``RUN`` while it is still the alarm's published attempt, ``DROP`` once
     it is not (cancelled, rescheduled, answered as lost, removed), ``WAIT`` while another transaction holds the
-    row (a cancel or reschedule not yet committed: its outcome decides). One short transaction."""
+    row (a cancel or reschedule not yet committed: its outcome decides). One short transaction (one statement
+    on PostgreSQL: ``postgres.held_rows``)."""
     pks = [ref.pk for ref in refs]
-    with db.atomic():
-        rows = {
-            pk: (state, attempt, deadline)
-            for pk, state, attempt, deadline in Alarm.objects.filter(pk__in=pks)
-            .select_for_update(skip_locked=True)
-            .values_list("pk", "state", "attempt", "deadline")
-        }
-    missing = [pk for pk in pks if pk not in rows]
-    locked = set(Alarm.objects.filter(pk__in=missing).values_list("pk", flat=True)) if missing else set()
+    if db.vendor() == "postgresql":
+        from . import postgres
+
+        found = postgres.held_rows(pks)
+    else:
+        with db.atomic():
+            rows: dict[int, tuple[str, int, dt.datetime | None] | None] = {
+                pk: (state, attempt, deadline)
+                for pk, state, attempt, deadline in Alarm.objects.filter(pk__in=pks)
+                .select_for_update(skip_locked=True)
+                .values_list("pk", "state", "attempt", "deadline")
+            }
+        missing = [pk for pk in pks if pk not in rows]
+        locked = set(Alarm.objects.filter(pk__in=missing).values_list("pk", flat=True)) if missing else set()
+        found = {**rows, **{pk: None for pk in locked}}
     verdicts = {}
     for ref in refs:
-        row = rows.get(ref.pk)
-        if row is None:
-            verdicts[ref.pk] = WAIT if ref.pk in locked else DROP
+        if ref.pk not in found:
+            verdicts[ref.pk] = DROP  # gone: ended and removed
+        elif found[ref.pk] is None:
+            verdicts[ref.pk] = WAIT
         else:
-            current = row == (states.PUBLISHED, ref.attempt, ref.deadline)
+            current = found[ref.pk] == (states.PUBLISHED, ref.attempt, ref.deadline)
             verdicts[ref.pk] = RUN if current else DROP
     return verdicts
 

@@ -407,3 +407,30 @@ def prune(before: dt.datetime, limit: int) -> int:
     with bound_cursor() as cursor:
         cursor.execute(PRUNE, [before, list(t.PRUNE.source), limit])
         return int(cursor.fetchone()[0])
+
+
+# -- the worker's look at the alarms it holds (``prefetch.Guard``) --------------------------------------------
+
+#: Per pk: the row's state, attempt and deadline where it is not locked by another transaction (a cancel or
+#: reschedule not yet committed), and whether the row exists at all (locked rows are seen by the plain read).
+#: One statement, in autocommit its own transaction: its row locks end with it.
+HELD = (
+    "SELECT wanted.id, mine.state, mine.attempt, mine.deadline, "
+    f"EXISTS (SELECT 1 FROM {ALARM} seen WHERE seen.id = wanted.id) "
+    "FROM unnest(%s::bigint[]) AS wanted(id) "
+    f"LEFT JOIN LATERAL (SELECT state, attempt, deadline FROM {ALARM} held WHERE held.id = wanted.id "
+    "FOR UPDATE SKIP LOCKED) mine ON true"
+)
+
+
+def held_rows(pks: Sequence[int]) -> dict[int, tuple[str, int, dt.datetime | None] | None]:
+    """For each pk: its (state, attempt, deadline) when this statement could lock it, None while another
+    transaction holds it; pks of rows that are gone are left out."""
+    with bound_cursor(binary=True) as cursor:
+        cursor.execute(HELD, [list(pks)])
+        found = cursor.fetchall()
+    return {
+        pk: (state, attempt, deadline) if state is not None else None
+        for pk, state, attempt, deadline, exists in found
+        if exists or state is not None
+    }

@@ -154,3 +154,43 @@ def _held_by_workers() -> bool:
 
     held = app.control.inspect(timeout=0.5).scheduled() or {}
     return sum(len(tasks) for tasks in held.values()) >= 2
+
+
+def test_the_guards_look_runs_the_current_attempt_drops_the_rest_and_waits_for_a_locked_row():
+    import threading
+
+    from django.db import connections
+
+    from celery_scheduller import db
+    from celery_scheduller.store import orm
+
+    alarms = TestAlarms()
+    for message_id in ("current", "moved", "cancelled", "locked"):
+        alarms.dispatch(Message.new("testapp.record", id=message_id), "agg", at=NOW + dt.timedelta(seconds=1), now=NOW)
+    rows = {row["message_id"]: row for row in store.claim_due(["tests"], NOW, 100, until=NOW + dt.timedelta(seconds=2))}
+    refs = {message_id: store.AttemptRef.of_row(row) for message_id, row in rows.items()}
+    assert store.reschedule("tests", "moved", NOW + dt.timedelta(minutes=5), NOW)[0]
+    assert store.cancel("tests", NOW, False, message_ids=["cancelled"])[0] == ["cancelled"]
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # a cancel whose transaction is still open
+        try:
+            with db.atomic():
+                list(Alarm.objects.select_for_update().filter(message_id="locked").values_list("pk"))
+                holding.set()
+                release.wait(10)
+        finally:
+            connections.close_all()
+
+    locker = threading.Thread(target=hold)
+    locker.start()
+    try:
+        assert holding.wait(10)
+        verdicts = store.held_verdicts(list(refs.values()))
+    finally:
+        release.set()
+        locker.join()
+    by_id = {message_id: verdicts[ref.pk] for message_id, ref in refs.items()}
+    expected_locked = orm.RUN if db.vendor() == "sqlite" else orm.WAIT  # SQLite has no row locks
+    assert by_id == {"current": orm.RUN, "moved": orm.DROP, "cancelled": orm.DROP, "locked": expected_locked}
+    assert store.held_verdicts([refs["locked"]]) == {refs["locked"].pk: orm.RUN}  # released: current again

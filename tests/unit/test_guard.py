@@ -1,5 +1,6 @@
 """The worker's guard of held alarm deliveries (``prefetch.Guard``), with a fake event loop and verdicts given
-by the test (no services): when it looks, what it does with each verdict, and the due times it keeps."""
+by the test (no services): when it looks, on which thread, what it does with each verdict, and the due times it
+keeps; and the garbage collector's freeze a started worker makes."""
 
 from __future__ import annotations
 
@@ -82,6 +83,37 @@ def test_held_deliveries_are_looked_up_together_40_to_70_ms_before_they_are_due(
     assert guard.decided == {requests[0].id: orm.RUN, requests[1].id: orm.DROP, requests[2].id: orm.RUN}
 
 
+def test_with_a_looker_the_looks_run_on_its_thread_and_the_event_loop_only_hands_them_over(guard, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(prefetch.writer, "own_connection", lambda: None)
+    threads: list[str] = []
+    from celery_scheduller import store
+
+    inner = store.held_verdicts
+
+    def on_which_thread(refs: list[Ref]) -> dict[int, str]:
+        threads.append(threading.current_thread().name)
+        return inner(refs)
+
+    monkeypatch.setattr("celery_scheduller.store.held_verdicts", on_which_thread)
+    guard.looker = prefetch.Looker()
+    requests = [Request(pk, 1.0 + pk * 0.0001) for pk in (1, 2, 3)]
+    for request in requests:
+        guard.received(request)
+    guard.verdicts.update({1: orm.RUN, 2: orm.DROP})  # 3: its row locked, decided when due
+    guard.consumer.hub.run_all()  # the slot's time: handed over, not looked up here
+    deadline = time.monotonic() + 5
+    while len(guard.decided) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert threads == ["celery_scheduller-guard"] and guard.looked == [[1, 2, 3]]
+    assert guard.decided == {requests[0].id: orm.RUN, requests[1].id: orm.DROP}
+    ran: list[str] = []
+    on_due = guard.wrap(lambda request: ran.append(request.id))
+    on_due(requests[0])
+    assert ran == [requests[0].id] and guard.looked == [[1, 2, 3]]  # decided ahead: no lookup when due
+
+
 def test_when_due_a_current_delivery_runs_a_stale_one_is_revoked_and_a_locked_one_waits(guard):
     ran: list[str] = []
     on_due = guard.wrap(lambda request: ran.append(request.id))
@@ -149,3 +181,23 @@ def test_work_waits_for_a_gap_between_held_due_times(guard):
     for n in range(200):  # due every 0.1 ms for 20 ms: no gap of 3 ms within 10 ms, so no waiting
         prefetch.due_times.add(now + 0.002 + n * 0.0001, now)
     assert prefetch.quiet_delay(0.003, 0.01) == 0.0
+
+
+def test_a_started_worker_freezes_what_it_holds_out_of_the_collectors_view_unless_told_not_to(settings):
+    import gc
+
+    from celery_scheduller import hooks
+
+    gc.unfreeze()
+    try:
+        settings.CELERY_SCHEDULLER_WORKER_GC_FREEZE = False
+        hooks._freeze_gc()
+        assert gc.get_freeze_count() == 0
+        settings.CELERY_SCHEDULLER_WORKER_GC_FREEZE = True
+        hooks._freeze_gc()
+        frozen = gc.get_freeze_count()
+        assert frozen > 1_000  # the modules, Django's and pytest's objects
+        held = [object() for _ in range(10)]  # noqa: F841 - made after the freeze: the collector still sees them
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
