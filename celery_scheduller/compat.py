@@ -178,6 +178,13 @@ def mark_revoked(request: Any) -> None:
     revoked.add(request.id)
 
 
+def runs_tasks_in_children(consumer: Any) -> bool:
+    """Whether the worker of ``consumer`` runs its tasks in child processes (the prefork pool), not in the
+    process that consumes (threads, solo, eventlet, gevent)."""
+    pool = getattr(consumer, "pool", None)
+    return type(pool).__module__ == "celery.concurrency.prefork"
+
+
 def process_terminating() -> bool:
     """Whether this (prefork pool) process is being terminated by its parent: billiard's SIGTERM handler ran
     and raised ``SystemExit`` (a hard time limit, a worker shutdown), so a ``SystemExit`` seen now is not the

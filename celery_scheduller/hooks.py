@@ -12,8 +12,9 @@ Connected to Celery's task signals by the app's ``ready()``:
 - ``worker_init``: the worker's consumer gets ``prefetch.GuardHeldAlarms`` (a held alarm delivery runs only
   if still current when due), and with ``PUBLISH_AHEAD`` set ``prefetch.PromptPrefetch``;
 - ``task_received`` in the main process: a held alarm delivery is looked up ahead of its time (``prefetch``);
-- ``worker_ready`` and ``worker_process_init``: with WORKER_GC_FREEZE, what the started process holds is frozen
-  out of the garbage collector's full passes (``gc.freeze``), which then pause it for less.
+- ``worker_ready`` and ``worker_process_init``: the guard's looker and the response writer are started and
+  connected before the first delivery; with WORKER_GC_FREEZE, what the started process holds is frozen out of
+  the garbage collector's full passes (``gc.freeze``), which then pause it for less.
 
 A failing hook is logged with the alarm id and never raised into the worker.
 """
@@ -227,6 +228,24 @@ def _serve_metrics(**_: Any) -> None:
         metrics.serve(port, "worker")
 
 
+def _warm_up(sender: Any = None, **_: Any) -> None:
+    """``worker_ready`` (main process) and ``worker_process_init`` (a prefork child): what the first alarm
+    delivery would otherwise wait for is done now, the keys its header is checked with derived, the guard's
+    looker and (where tasks run in this process) the response writer started and connected."""
+    from . import registry, wire
+
+    try:
+        wire._keys()
+        registry.names()
+        if sender is not None and prefetch._guard and prefetch._guard[0].looker is not None:
+            prefetch._guard[0].looker.start()  # the main process, whatever its pool
+        if writer.serves() and (sender is None or not compat.runs_tasks_in_children(sender)):
+            writer.default.warm()
+    except Exception:
+        logger.warning("warming up for alarm deliveries failed; the first one does it", exc_info=True)
+    _freeze_gc()
+
+
 def _freeze_gc(**_: Any) -> None:
     """``worker_ready`` (the main process) and ``worker_process_init`` (a prefork child): with
     WORKER_GC_FREEZE, collect once and freeze what the started process holds (``gc.freeze``)."""
@@ -251,8 +270,8 @@ def connect() -> None:
     signals.worker_init.connect(_check_at_start, weak=False, dispatch_uid="celery_scheduller.check_at_start")
     signals.worker_init.connect(prefetch.install, weak=False, dispatch_uid="celery_scheduller.prompt_prefetch")
     signals.worker_init.connect(_serve_metrics, weak=False, dispatch_uid="celery_scheduller.metrics")
-    signals.worker_ready.connect(_freeze_gc, weak=False, dispatch_uid="celery_scheduller.freeze_gc")
-    signals.worker_process_init.connect(_freeze_gc, weak=False, dispatch_uid="celery_scheduller.freeze_gc_child")
+    signals.worker_ready.connect(_warm_up, weak=False, dispatch_uid="celery_scheduller.warm_up")
+    signals.worker_process_init.connect(_warm_up, weak=False, dispatch_uid="celery_scheduller.warm_up_child")
     signals.worker_process_shutdown.connect(
         _pool_process_exited, weak=False, dispatch_uid="celery_scheduller.metrics_process_exited"
     )

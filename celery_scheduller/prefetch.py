@@ -285,14 +285,19 @@ class Looker:
         self._queue: queue.SimpleQueue[list[tuple[Any, Any]]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def submit(self, batch: list[tuple[Any, Any]]) -> None:
+    def start(self) -> None:
+        """Start the thread and connect it to the database (at the worker's start: not with the first look)."""
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="celery_scheduller-guard", daemon=True)
             self._thread.start()
+
+    def submit(self, batch: list[tuple[Any, Any]]) -> None:
+        self.start()
         self._queue.put(batch)
 
     def _run(self) -> None:
         writer.own_connection()
+        writer.connect()
         while True:
             batch = self._queue.get()
             wait_for_quiet(LOOK_ROOM, LOOK_WIGGLE)

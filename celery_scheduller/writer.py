@@ -62,6 +62,11 @@ class ResponseWriter:
             self._start()
         self._queue.put(decided)
 
+    def warm(self) -> None:
+        """Start the writer's thread and connect it now (at a worker's start), not with the first response."""
+        if not self._running():
+            self._start()
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is stored; False if ``timeout`` passed first."""
         return self._mark(threading.Event(), timeout)
@@ -99,6 +104,7 @@ class ResponseWriter:
         from . import db
 
         own_connection()
+        connect()
         stops: list[threading.Event] = []
         while not stops or not pending.empty():  # once stopping, also what was submitted meanwhile
             batch = [pending.get()]
@@ -171,6 +177,17 @@ def own_connection() -> None:
     settings_dict = copy.deepcopy(current.settings_dict)
     settings_dict["OPTIONS"].pop("pool")
     connections[alias] = type(current)(settings_dict, alias)  # this thread only
+
+
+def connect() -> None:
+    """Open the calling thread's connection ahead of its first statement; a failure is left to that statement
+    (which reconnects)."""
+    from . import db
+
+    try:
+        db.connection().ensure_connection()
+    except Exception:
+        logger.warning("cannot connect to the database yet; the first statement tries again", exc_info=True)
 
 
 def _batch_wait() -> float:

@@ -201,3 +201,33 @@ def test_a_started_worker_freezes_what_it_holds_out_of_the_collectors_view_unles
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+def test_a_started_worker_starts_the_looker_and_where_it_runs_tasks_the_writer_before_the_first_delivery(
+    guard, monkeypatch, settings
+):
+    from celery.concurrency import prefork, thread
+
+    from celery_scheduller import hooks
+
+    settings.CELERY_SCHEDULLER_WORKER_GC_FREEZE = False
+    started: list[str] = []
+
+    class Looker:
+        def start(self) -> None:
+            started.append("looker")
+
+    guard.looker = Looker()
+    monkeypatch.setattr(hooks.writer, "serves", lambda: True)
+    monkeypatch.setattr(hooks.writer.default, "warm", lambda: started.append("writer"))
+    consumer = Consumer()
+    consumer.pool = object.__new__(thread.TaskPool)  # type: ignore[attr-defined]
+    hooks._warm_up(sender=consumer)  # worker_ready, -P threads: tasks run here
+    assert started == ["looker", "writer"]
+    started.clear()
+    consumer.pool = object.__new__(prefork.TaskPool)  # type: ignore[attr-defined]
+    hooks._warm_up(sender=consumer)  # worker_ready, prefork: the children answer, each its own writer
+    assert started == ["looker"]
+    started.clear()
+    hooks._warm_up()  # worker_process_init in a prefork child
+    assert started == ["writer"]
