@@ -118,8 +118,12 @@ class Guard:
         self.consumer = consumer
         #: where the looks ahead run: a thread of their own (``Looker``), or None for the event loop itself
         self.looker = looker
-        self._lock = threading.Lock()  # ``decided`` is written by the looker's thread, read by the event loop
+        # ``decided``, ``awaiting`` and ``looking`` are shared by the event loop and the looker's thread
+        self._lock = threading.Lock()
         self.decided: dict[str, str] = {}  # task id -> the verdict of the look ahead (RUN or DROP)
+        #: task id -> (on_due, request, args, attempt): due, its look with the looker; handed on by ``release``
+        self.awaiting: dict[str, tuple[Callable[..., Any], Any, tuple[Any, ...], Any]] = {}
+        self.looking: set[str] = set()  # task ids handed to the looker, not yet decided
         self.slots: dict[float, list[tuple[Any, Any]]] = {}  # look time -> (request, attempt) to look at then
         self.waiting: list[tuple[Callable[..., Any], Any, tuple[Any, ...], Any]] = []  # due, not yet decided
         self.rechecking = False
@@ -150,6 +154,8 @@ class Guard:
         if self.looker is not None:  # the looker's thread waits for a quiet moment, the event loop does not
             batch = self.slots.pop(slot, [])
             if batch:
+                with self._lock:
+                    self.looking.update(str(request.id) for request, _ in batch)
                 self.looker.submit(batch)
             return
         pause = min(quiet_delay(LOOK_ROOM, LOOK_WIGGLE), LOOK_WIGGLE - waited)
@@ -160,10 +166,10 @@ class Guard:
         if batch:
             self.decide(batch)
 
-    def decide(self, batch: list[tuple[Any, Any]]) -> None:
+    def decide(self, batch: list[tuple[Any, Any]], looker: bool = False) -> None:
         """Look up (request, attempt) pairs and keep each verdict until its task comes due; from the event
-        loop or the looker's thread. A row another transaction holds, or a failed look, leaves its delivery
-        to be looked at again when due."""
+        loop or (``looker``) the looker's thread. A row another transaction holds, or a failed look, leaves its
+        delivery to be looked at again when due."""
         from .store import orm
 
         verdicts = self._verdicts([ref for _, ref in batch])
@@ -174,7 +180,26 @@ class Guard:
             for request, ref in batch:
                 verdict = verdicts.get(ref.pk, orm.WAIT)
                 if verdict != orm.WAIT:  # else looked at again when due
-                    self.decided[request.id] = verdict
+                    self.decided[str(request.id)] = verdict
+            task_ids = [str(request.id) for request, _ in batch]
+            self.looking.difference_update(task_ids)
+            due = any(task_id in self.awaiting for task_id in task_ids)
+        hub = getattr(self.consumer, "hub", None)
+        if due and looker and hub is not None:
+            hub.call_soon(self.release)  # tasks came due before their look ended: the event loop hands them on
+
+    def release(self) -> None:
+        """Event loop: hand on the due deliveries whose look (by the looker) has ended; one whose row was
+        locked, or whose look failed, is looked at again every ``RECHECK``, as when it was looked up when due."""
+        with self._lock:
+            ended = [task_id for task_id in self.awaiting if task_id not in self.looking]
+            ready = [(self.awaiting.pop(task_id), self.decided.pop(task_id, None)) for task_id in ended]
+        for (on_due, request, args, ref), verdict in ready:
+            if verdict is None:
+                self.waiting.append((on_due, request, args, ref))
+                self._schedule_decision(RECHECK)
+            else:
+                self._hand_on(on_due, request, args, verdict, ref)
 
     def _verdict_of(self, request: Any) -> str | None:
         with self._lock:
@@ -197,6 +222,8 @@ class Guard:
                 return self._hand_on(on_due, request, args, verdict, ref)
             if ref is None:
                 return on_due(request, *args)
+            if self.looker is not None:  # the looker decides it (its look under way, or a new one)
+                return self._await_look(on_due, request, args, ref)
             # not looked at ahead (received late, its look not yet run, or its row locked then): look now,
             # with every delivery whose look is overdue (a backlog: many), in one lookup
             self._look_overdue((request, ref))
@@ -208,6 +235,24 @@ class Guard:
             return None
 
         return guarded
+
+    def _await_look(self, on_due: Callable[..., Any], request: Any, args: tuple[Any, ...], ref: Any) -> Any:
+        """A due delivery without a verdict, where a looker runs the looks: it waits for its look (the one under
+        way, or one asked for now), and the looker has the event loop hand it on (``release``). The loop never
+        waits on the database, however far behind it is."""
+        task_id = str(request.id)
+        with self._lock:
+            verdict = self.decided.pop(task_id, None)  # the look may have ended since the first read
+            if verdict is None:
+                self.awaiting[task_id] = (on_due, request, args, ref)
+                ask = task_id not in self.looking
+                self.looking.add(task_id)
+        if verdict is not None:
+            return self._hand_on(on_due, request, args, verdict, ref)
+        if ask:
+            assert self.looker is not None
+            self.looker.submit([(request, ref)])
+        return None
 
     def _look_overdue(self, due: tuple[Any, Any]) -> None:
         """Decide ``due`` (request, attempt) now, with every delivery whose look's time has passed: where the
@@ -307,7 +352,7 @@ class Looker:
                 except queue.Empty:
                     break
             if _guard:
-                _guard[0].decide(batch)
+                _guard[0].decide(batch, looker=True)
 
 
 #: The most deliveries one look takes up (the rest go in the next).

@@ -19,9 +19,18 @@ class Hub:
 
     def __init__(self) -> None:
         self.later: list[tuple[float, Any, tuple[Any, ...]]] = []
+        self.soon: list[tuple[Any, tuple[Any, ...]]] = []
 
     def call_later(self, delay: float, callback: Any, *args: Any) -> None:
         self.later.append((delay, callback, args))
+
+    def call_soon(self, callback: Any, *args: Any) -> None:  # from any thread, as kombu's
+        self.soon.append((callback, args))
+
+    def run_soon(self) -> None:
+        pending, self.soon = self.soon, []
+        for callback, args in pending:
+            callback(*args)
 
     def run_all(self) -> None:
         pending, self.later = self.later, []
@@ -112,6 +121,49 @@ def test_with_a_looker_the_looks_run_on_its_thread_and_the_event_loop_only_hands
     on_due = guard.wrap(lambda request: ran.append(request.id))
     on_due(requests[0])
     assert ran == [requests[0].id] and guard.looked == [[1, 2, 3]]  # decided ahead: no lookup when due
+
+
+def _until(condition: Any) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, "the looker did not answer within 5 s"
+        time.sleep(0.002)
+
+
+def test_a_delivery_due_before_its_look_ends_waits_for_the_looker_and_the_loop_never_looks_itself(guard, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(prefetch.writer, "own_connection", lambda: None)
+    monkeypatch.setattr(prefetch.writer, "connect", lambda: None)
+    go = threading.Event()
+    threads: list[str] = []
+    from celery_scheduller import store
+
+    answer = store.held_verdicts
+
+    def slow(refs: list[Ref]) -> dict[int, str]:  # a look that takes its time (a slow database)
+        threads.append(threading.current_thread().name)
+        go.wait(5)
+        return answer(refs)
+
+    monkeypatch.setattr("celery_scheduller.store.held_verdicts", slow)
+    guard.looker = prefetch.Looker()
+    held, late = Request(1, 1.0), Request(2, -0.001)  # ``late`` was taken in after its time
+    guard.verdicts.update({1: orm.RUN, 2: orm.DROP})
+    guard.received(held)
+    guard.consumer.hub.run_all()  # the slot's time: the look goes to the looker, which waits on the database
+    _until(lambda: threads == ["celery_scheduller-guard"])
+    ran: list[str] = []
+    on_due = guard.wrap(lambda request: ran.append(request.id))
+    assert on_due(held) is None and on_due(late) is None  # due: neither runs unchecked, the loop goes on
+    assert ran == [] and set(guard.awaiting) == {held.id, late.id}
+    go.set()
+    _until(lambda: not guard.looking)
+    assert sorted(map(sorted, guard.looked)) == [[1], [2]]  # ``held`` was not looked up a second time
+    assert threads == ["celery_scheduller-guard"] * 2
+    _until(lambda: guard.consumer.hub.soon)
+    guard.consumer.hub.run_soon()  # the event loop hands them on
+    assert ran == [held.id, late.id] and guard.revoked == [late.id] and guard.awaiting == {}
 
 
 def test_when_due_a_current_delivery_runs_a_stale_one_is_revoked_and_a_locked_one_waits(guard):
