@@ -108,11 +108,13 @@ class Guard:
     not reach this worker (restarted since, or handed the task again by the broker).
 
     The last look is taken 40 to 70 ms before the due time (``LOOK_AHEAD``, ``SLOT``, ``LOOK_WIGGLE``), off
-    the due time's path and between due times: deliveries whose looks fall in the same 20 ms share one short
-    transaction, and at the due time the task is handed on at once. A delivery received later than that,
-    whose row another transaction holds (a cancel not yet committed: its outcome decides), or whose look
-    failed, is looked at again when due and every ``RECHECK`` until it is decided or its deadline passes
-    (then beat answers the attempt as lost); it is never run unchecked."""
+    the due time's path and between due times, by the ``Looker``'s thread where there is one: deliveries whose
+    looks fall in the same 20 ms share one short statement, and at the due time the task is handed on at once.
+    A delivery due before its look ended, or received too late for one, waits for the looker (``awaiting``),
+    which has the event loop hand it on (``release``); without a looker it is looked up when due. One whose
+    row another transaction holds (a cancel not yet committed: its outcome decides), or whose look failed, is
+    looked at again every ``RECHECK`` until it is decided or its deadline passes (then beat answers the
+    attempt as lost); it is never run unchecked."""
 
     def __init__(self, consumer: Any, looker: Looker | None = None) -> None:
         self.consumer = consumer
