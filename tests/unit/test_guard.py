@@ -283,3 +283,18 @@ def test_a_started_worker_starts_the_looker_and_where_it_runs_tasks_the_writer_b
     started.clear()
     hooks._warm_up()  # worker_process_init in a prefork child
     assert started == ["writer"]
+
+
+def test_the_soonest_held_due_times_come_in_order_and_the_past_ones_are_dropped():
+    import heapq
+    import random
+
+    due_times, now = prefetch.DueTimes(), 1_000.0
+    held = [now + random.uniform(-1.0, 2.0) for _ in range(5_000)]
+    for due in held:
+        due_times.add(due, now - 5)  # nothing past yet when they came
+    upcoming = sorted(due for due in held if due >= now - prefetch.PAST)
+    assert due_times.soonest(now, 32) == upcoming[:32]
+    assert due_times.soonest(now, 10_000) == upcoming  # the past ones were dropped on the way
+    assert len(due_times._heap) == len(upcoming) and due_times._heap[0] == heapq.nsmallest(1, upcoming)[0]
+    assert prefetch.DueTimes().soonest(now, 5) == []
