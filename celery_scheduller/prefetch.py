@@ -5,7 +5,8 @@ each held task when it has run. ``install`` adds the steps to the worker's consu
 - ``PromptPrefetch`` (when ``PUBLISH_AHEAD`` is set): a worker raises its prefetch count by one per held task
   but applies the new count only after its next poll of the broker, which can wait up to 10 s once held tasks
   fill the window. The step applies a raised count before the poll: at once when half an initial window has
-  come in, else within ``SETTLE`` seconds. It applies to every ``eta`` task of that worker.
+  come in, else within ``SETTLE`` seconds, in either case at a moment when no held alarm comes due (on AMQP
+  it is a round trip to the broker). It applies to every ``eta`` task of that worker.
 - ``GuardHeldAlarms`` (always): when a held alarm delivery comes due, the ``Guard`` reads its alarm's row and
   runs it only while it is still the alarm's published attempt, so a ``cancel`` or ``reschedule`` committed
   before then holds even where its revoke did not reach the worker. It also drops the fired timer entry that
@@ -82,14 +83,24 @@ class PromptPrefetch(bootsteps.StartStopStep):
             if parent.qos is qos and qos.value != qos.prev:  # not a window of a connection since replaced
                 qos.update()
 
+        def apply_when_quiet() -> None:
+            # on AMQP the new count is a round trip (basic.qos): not as a held alarm comes due
+            nonlocal settling
+            pause = quiet_delay(LOOK_ROOM, LOOK_WIGGLE)
+            if pause <= 0:
+                apply()
+            elif not settling:
+                settling = True
+                hub.call_later(pause, apply)
+
         def tick() -> None:
             nonlocal settling
             raised = qos.value - (qos.prev or 0)
             if raised >= batch:
-                apply()
+                apply_when_quiet()
             elif raised > 0 and not settling:
                 settling = True
-                hub.call_later(SETTLE, apply)
+                hub.call_later(SETTLE, apply_when_quiet)
 
         self._tick = tick
         hub.on_tick.add(tick)

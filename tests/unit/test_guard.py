@@ -298,3 +298,34 @@ def test_the_soonest_held_due_times_come_in_order_and_the_past_ones_are_dropped(
     assert due_times.soonest(now, 10_000) == upcoming  # the past ones were dropped on the way
     assert len(due_times._heap) == len(upcoming) and due_times._heap[0] == heapq.nsmallest(1, upcoming)[0]
     assert prefetch.DueTimes().soonest(now, 5) == []
+
+
+def test_a_raised_prefetch_count_is_applied_when_no_held_alarm_comes_due(guard):
+    class QoS:
+        def __init__(self) -> None:
+            self.value, self.prev, self.applied = 8, 8, 0
+
+        def update(self) -> None:
+            self.applied += 1
+            self.prev = self.value
+
+    hub, qos = guard.consumer.hub, QoS()
+    hub.on_tick = set()
+    parent = type("Parent", (), {"hub": hub, "qos": qos, "initial_prefetch_count": 8})()
+    step = prefetch.PromptPrefetch.__new__(prefetch.PromptPrefetch)
+    step._tick = None
+    step.start(parent)
+    (tick,) = hub.on_tick
+    qos.value = 12  # half a window came in: applied at once, nothing held comes due
+    tick()
+    assert qos.applied == 1 and hub.later == []
+    now = time.time()
+    prefetch.due_times.add(now + 0.001, now)  # a held alarm comes due within the room
+    qos.value = 16
+    tick()
+    assert qos.applied == 1 and len(hub.later) == 1  # postponed until just past it
+    delay, callback, args = hub.later.pop()
+    assert 0 < delay <= prefetch.LOOK_WIGGLE
+    time.sleep(delay)
+    callback(*args)
+    assert qos.applied == 2 and qos.prev == 16
