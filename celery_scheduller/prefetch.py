@@ -361,7 +361,7 @@ class Looker:
             wait_for_quiet(LOOK_ROOM, LOOK_WIGGLE)
             while len(batch) < MAX_LOOK:  # batches that came while this one waited share its statement
                 try:
-                    batch = batch + self._queue.get_nowait()
+                    batch.extend(self._queue.get_nowait())
                 except queue.Empty:
                     break
             if _guard:

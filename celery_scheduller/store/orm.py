@@ -223,27 +223,28 @@ def reschedule(
 RUN, DROP, WAIT = "run", "drop", "wait"
 
 
-def held_verdicts(refs: Sequence[AttemptRef]) -> dict[int, str]:
-    """For each held attempt (by pk): ``RUN`` while it is still the alarm's published attempt, ``DROP`` once
-    it is not (cancelled, rescheduled, answered as lost, removed), ``WAIT`` while another transaction holds the
-    row (a cancel or reschedule not yet committed: its outcome decides). One short transaction (one statement
-    on PostgreSQL: ``postgres.held_rows``)."""
-    pks = [ref.pk for ref in refs]
-    if db.vendor() == "postgresql":
-        from . import postgres
+def held_rows(pks: Sequence[int]) -> dict[int, tuple[str, int, dt.datetime | None] | None]:
+    """``postgres.held_rows`` through the ORM, in one short transaction: for each pk its (state, attempt,
+    deadline) where this transaction could lock it, None while another one holds it; gone rows left out."""
+    with db.atomic():
+        rows: dict[int, tuple[str, int, dt.datetime | None] | None] = {
+            pk: (state, attempt, deadline)
+            for pk, state, attempt, deadline in Alarm.objects.filter(pk__in=pks)
+            .select_for_update(skip_locked=True)
+            .values_list("pk", "state", "attempt", "deadline")
+        }
+    missing = [pk for pk in pks if pk not in rows]
+    locked = set(Alarm.objects.filter(pk__in=missing).values_list("pk", flat=True)) if missing else set()
+    return {**rows, **{pk: None for pk in locked}}
 
-        found = postgres.held_rows(pks)
-    else:
-        with db.atomic():
-            rows: dict[int, tuple[str, int, dt.datetime | None] | None] = {
-                pk: (state, attempt, deadline)
-                for pk, state, attempt, deadline in Alarm.objects.filter(pk__in=pks)
-                .select_for_update(skip_locked=True)
-                .values_list("pk", "state", "attempt", "deadline")
-            }
-        missing = [pk for pk in pks if pk not in rows]
-        locked = set(Alarm.objects.filter(pk__in=missing).values_list("pk", flat=True)) if missing else set()
-        found = {**rows, **{pk: None for pk in locked}}
+
+def held_verdicts(
+    refs: Sequence[AttemptRef], found: dict[int, tuple[str, int, dt.datetime | None] | None]
+) -> dict[int, str]:
+    """For each held attempt (by pk), from its row as ``held_rows`` found it: ``RUN`` while it is still the
+    alarm's published attempt, ``DROP`` once it is not (cancelled, rescheduled, answered as lost, removed),
+    ``WAIT`` while another transaction holds the row (a cancel or reschedule not yet committed: its outcome
+    decides)."""
     verdicts = {}
     for ref in refs:
         if ref.pk not in found:
