@@ -201,6 +201,17 @@ class Guard:
         if due and looker and hub is not None:
             hub.call_soon(self.release)  # tasks came due before their look ended: the event loop hands them on
 
+    def give_up(self, batch: list[tuple[Any, Any]]) -> None:
+        """The looker's thread could not decide ``batch``: its deliveries are no longer under way, and those
+        already due go to the event loop's recheck (``release``), as for a failed look."""
+        with self._lock:
+            task_ids = [str(request.id) for request, _ in batch]
+            self.looking.difference_update(task_ids)
+            due = any(task_id in self.awaiting for task_id in task_ids)
+        hub = getattr(self.consumer, "hub", None)
+        if due and hub is not None:
+            hub.call_soon(self.release)
+
     def release(self) -> None:
         """Event loop: hand on the due deliveries whose look (by the looker) has ended; one whose row was
         locked, or whose look failed, is looked at again every ``RECHECK``, as when it was looked up when due."""
@@ -364,8 +375,13 @@ class Looker:
                     batch.extend(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if _guard:
+            if not _guard:
+                continue
+            try:
                 _guard[0].decide(batch, looker=True)
+            except Exception:  # never leave a batch undecided for good: its deliveries are looked at when due
+                logger.exception("the guard's look failed", extra={"action": "guard_failed", "count": len(batch)})
+                _guard[0].give_up(batch)
 
 
 #: The most deliveries one look takes up (the rest go in the next).

@@ -329,3 +329,25 @@ def test_a_raised_prefetch_count_is_applied_when_no_held_alarm_comes_due(guard):
     time.sleep(delay)
     callback(*args)
     assert qos.applied == 2 and qos.prev == 16
+
+
+def test_a_look_that_fails_outside_the_store_leaves_its_due_deliveries_to_the_loops_recheck(guard, monkeypatch):
+    monkeypatch.setattr(prefetch.writer, "own_connection", lambda: None)
+    monkeypatch.setattr(prefetch.writer, "connect", lambda: None)
+    calls: list[int] = []
+
+    def broken(batch: Any, looker: bool = False) -> None:
+        calls.append(len(batch))
+        raise RuntimeError("a bug in the look")
+
+    monkeypatch.setattr(guard, "decide", broken)
+    guard.looker = prefetch.Looker()
+    ran: list[str] = []
+    on_due = guard.wrap(lambda request: ran.append(request.id))
+    request = Request(1, -0.001)
+    assert on_due(request) is None  # due, no verdict: handed to the looker, whose look raises
+    _until(lambda: guard.consumer.hub.soon)
+    assert calls == [1] and guard.looking == set()
+    guard.consumer.hub.run_soon()  # released to the recheck, not forgotten
+    assert guard.awaiting == {} and len(guard.waiting) == 1 and ran == []
+    assert [delay for delay, *_ in guard.consumer.hub.later] == [prefetch.RECHECK]
