@@ -243,6 +243,16 @@ SPECS: tuple[Spec, ...] = (
         "they pause the loop that starts held alarms for a few ms rather than tens. What is frozen is never "
         "collected. False: the collector as Python sets it.",
     ),
+    Spec(
+        "WORKER_PRECISE_WAKE",
+        True,
+        "bool",
+        "A worker's event loop sleeps in the poller with a timeout in whole milliseconds, rounded up, so a "
+        "task held for its ``eta`` starts up to a millisecond after it (half of one on average). With this "
+        "on, where a held alarm comes due before the loop would wake, the loop polls to the last whole "
+        "millisecond before its timer and sleeps the rest (``prefetch.PrecisePoll``): the timer fires within "
+        "microseconds. False: the loop wakes on its own timeout, as for any ``eta`` task.",
+    ),
 )
 
 _SPECS = {spec.name: spec for spec in SPECS}

@@ -22,7 +22,9 @@ from __future__ import annotations
 import functools
 import heapq
 import logging
+import math
 import queue
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -388,6 +390,60 @@ class Looker:
 MAX_LOOK = 2_000
 
 
+class PrecisePoll:
+    """The event loop's poll, made to wake on time for a held alarm delivery (``WORKER_PRECISE_WAKE``).
+
+    kombu's loop sleeps in the poller (epoll) until its next timer entry, with the timeout in whole
+    milliseconds, rounded up: left alone, a task held for its ``eta`` starts up to a millisecond late, half
+    of one on average. Where a held alarm comes due by the time the loop would wake, this polls to the last
+    whole millisecond before the timer, then waits the rest on the poller's own descriptor with ``select``,
+    whose timeout counts microseconds: any event that comes meanwhile still ends the wait at once, as
+    before, and otherwise the loop wakes as its timer comes due. Any other wait is the poller's own."""
+
+    def __init__(self, poll: Callable[[float | None], Any], due: DueTimes, fileno: int) -> None:
+        self.inner = poll
+        self.due = due
+        self.fileno = fileno
+        #: waits that ended on a held due time rather than on the poller's millisecond (for the curious)
+        self.precise = 0
+
+    def __call__(self, timeout: float | None) -> Any:
+        if timeout is None or timeout <= 0:
+            return self.inner(timeout)
+        now = time.time()
+        wake = now + timeout
+        soonest = self.due.soonest(now, 1)
+        if not soonest or soonest[0] > wake + CEILING:
+            return self.inner(timeout)  # no held alarm comes due before the poller's own wake
+        whole = math.floor(timeout * 1000)
+        events = self.inner((whole - 0.5) / 1000 if whole else 0)  # rounded up: ``whole`` ms at most
+        if events:
+            return events
+        rest = wake - time.time()
+        if rest > 0:
+            select.select([self.fileno], [], [], rest)  # readable as soon as the poller has an event
+        self.precise += 1
+        return self.inner(0)
+
+    @classmethod
+    def install(cls, hub: Any, due: DueTimes) -> bool:
+        """Wrap ``hub``'s poller (again after the hub was reset, which makes a new one): kombu's loop reads
+        ``poller.poll`` when it is made, after the consumer's steps have started. Only an epoll poller (Linux)
+        has a descriptor to wait on; False where there is none, and the poller is left as it is."""
+        poller = hub.poller
+        if isinstance(getattr(poller, "poll", None), cls):
+            return True
+        epoll = getattr(poller, "_epoll", None)
+        if epoll is None or not hasattr(epoll, "fileno"):
+            return False
+        poller.poll = cls(poller.poll, due, epoll.fileno())
+        return True
+
+
+#: Seconds a poller's timeout may be rounded up by (epoll counts whole milliseconds).
+CEILING = 0.001
+
+
 class DueTimes:
     """The due times of the alarm deliveries this process holds (a heap, epoch seconds), for work that can
     wait to stay out of their way (``wait_for_quiet``). Pushed and popped by the event loop, read by others."""
@@ -476,9 +532,10 @@ def _held_attempt(request: Any) -> Any:
     return None if found is None else found[0]
 
 
-class GuardHeldAlarms(bootsteps.Step):
-    """A consumer step: a held task drops its fired timer entry (so it is freed when it has run), and a held
-    alarm delivery goes through the ``Guard`` when it comes due."""
+class GuardHeldAlarms(bootsteps.StartStopStep):
+    """A consumer step: a held task drops its fired timer entry (so it is freed when it has run), a held alarm
+    delivery goes through the ``Guard`` when it comes due, and (``WORKER_PRECISE_WAKE``) the event loop wakes on
+    time for it (``PrecisePoll``)."""
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -488,6 +545,23 @@ class GuardHeldAlarms(bootsteps.Step):
         writer.default.before_store = functools.partial(wait_for_quiet, WRITE_ROOM, MAX_QUIET_WAIT)
         for name in compat.eta_callbacks(parent):
             setattr(parent, name, guard.wrap(getattr(parent, name)))
+
+    def start(self, parent: Any) -> None:
+        """Each time the consumer starts (again after a lost connection, which resets the loop's poller),
+        before its event loop is made."""
+        from .conf import settings
+
+        hub = getattr(parent, "hub", None)
+        if hub is not None and settings.get("WORKER_PRECISE_WAKE"):
+            try:
+                PrecisePoll.install(hub, due_times)
+            except Exception:
+                logger.warning("the event loop's poller could not be made precise; it wakes on its own", exc_info=True)
+
+    def stop(self, parent: Any) -> None:
+        pass
+
+    shutdown = stop
 
 
 def install(sender: Any = None, **_: Any) -> None:

@@ -5,6 +5,8 @@ keeps; and the garbage collector's freeze a started worker makes."""
 from __future__ import annotations
 
 import datetime as dt
+import math
+import socket
 import time
 from typing import Any
 
@@ -351,3 +353,120 @@ def test_a_look_that_fails_outside_the_store_leaves_its_due_deliveries_to_the_lo
     guard.consumer.hub.run_soon()  # released to the recheck, not forgotten
     assert guard.awaiting == {} and len(guard.waiting) == 1 and ran == []
     assert [delay for delay, *_ in guard.consumer.hub.later] == [prefetch.RECHECK]
+
+
+class _Poll:
+    """An inner poll that records each timeout and answers with the events the test gives (none by default), and
+    a descriptor that stands for the poller's: readable once the test writes to it."""
+
+    def __init__(self, events: Any = None) -> None:
+        self.timeouts: list[float | None] = []
+        self.events = events
+        self.reader, self.writer = socket.socketpair()
+
+    def __call__(self, timeout: float | None) -> Any:
+        self.timeouts.append(timeout)
+        return self.events if timeout else None
+
+    def precise(self, due_times: prefetch.DueTimes) -> prefetch.PrecisePoll:
+        return prefetch.PrecisePoll(self, due_times, self.reader.fileno())
+
+
+def test_a_wait_that_ends_on_a_held_due_time_polls_whole_milliseconds_and_waits_the_rest_to_the_microsecond():
+    due_times = prefetch.DueTimes()
+    inner = _Poll()
+    poll = inner.precise(due_times)
+    now = time.time()
+    due_times.add(now + 0.0073, now)
+    wake = now + 0.0073
+    assert poll(0.0073) is None
+    ended = time.time()
+    first, last = inner.timeouts
+    assert math.ceil(first * 1000) == 7 and last == 0  # epoll rounds up: 7 ms, not 8; then a look without waiting
+    assert ended >= wake and poll.precise == 1  # waited to the due time, not past the next millisecond
+
+
+def test_the_last_fraction_of_a_millisecond_is_waited_on_the_pollers_descriptor(monkeypatch):
+    import select
+
+    due_times = prefetch.DueTimes()
+    inner = _Poll()
+    poll = inner.precise(due_times)
+    waits: list[tuple[list[int], float]] = []
+    real = select.select
+
+    def recorded(readers: list[int], writers: list[int], errors: list[int], timeout: float) -> Any:
+        waits.append((readers, timeout))
+        return real(readers, writers, errors, timeout)
+
+    monkeypatch.setattr(prefetch.select, "select", recorded)
+    now = time.time()
+    due_times.add(now + 0.0004, now)
+    inner.writer.send(b"x")  # the poller has an event: its descriptor is readable, the wait ends at once
+    poll(0.0004)  # under a millisecond to the due time: no whole one to poll
+    assert inner.timeouts == [0, 0]
+    ((readers, timeout),) = waits
+    assert readers == [inner.reader.fileno()] and 0 < timeout < 0.0004
+
+
+def test_a_wait_with_no_held_alarm_due_before_it_ends_is_the_pollers_own():
+    due_times = prefetch.DueTimes()
+    inner = _Poll()
+    poll = inner.precise(due_times)
+    now = time.time()
+    due_times.add(now + 0.5, now)  # held, but due long after this wait
+    poll(0.0073)
+    poll(None)
+    poll(0)
+    assert inner.timeouts == [0.0073, None, 0] and poll.precise == 0
+
+
+def test_an_event_before_the_last_millisecond_ends_the_wait_at_once():
+    due_times = prefetch.DueTimes()
+    inner = _Poll(events=[(5, 1)])
+    poll = inner.precise(due_times)
+    now = time.time()
+    due_times.add(now + 0.2, now)
+    started = time.time()
+    assert poll(0.2) == [(5, 1)]
+    assert inner.timeouts == [0.1995] and poll.precise == 0 and time.time() - started < 0.2
+
+
+def test_the_consumer_step_makes_a_real_loop_poll_precisely_and_again_after_a_reset(settings):
+    import threading
+
+    from kombu.asynchronous import Hub
+
+    settings.CELERY_SCHEDULLER_WORKER_PRECISE_WAKE = True
+    hub = Hub()
+    parent = type("Parent", (), {"hub": hub})()
+    step = prefetch.GuardHeldAlarms.__new__(prefetch.GuardHeldAlarms)
+    step.start(parent)
+    assert isinstance(hub.poller.poll, prefetch.PrecisePoll)
+    step.start(parent)  # started again on the same poller: wrapped once
+    assert not isinstance(hub.poller.poll.inner, prefetch.PrecisePoll)
+    hub.reset()  # a lost connection: a new poller
+    assert not isinstance(hub.poller.poll, prefetch.PrecisePoll)
+    step.start(parent)
+    assert isinstance(hub.poller.poll, prefetch.PrecisePoll)
+    reader, _writer = socket.socketpair()
+    hub.add_reader(reader.fileno(), lambda: reader.recv(10))  # kombu's loop polls only with a reader to watch
+    fired: list[float] = []
+    now = time.time()
+    dues = [now + 0.05 + i * 0.0113 for i in range(5)]
+    poll = hub.poller.poll
+    for due in dues:
+        poll.due.add(due, now)
+        hub.call_at(dt.datetime.fromtimestamp(due, dt.UTC), lambda: fired.append(time.time()))
+    hub.call_at(dt.datetime.fromtimestamp(dues[-1] + 0.01, dt.UTC), hub.stop)
+    loop = threading.Thread(target=hub.run_forever, daemon=True)
+    loop.start()
+    loop.join(5)
+    assert len(fired) == 5 and all(at >= due for at, due in zip(fired, dues, strict=True))  # never before
+    assert poll.precise >= 1  # the loop's waits ended on the held due times
+    settings.CELERY_SCHEDULLER_WORKER_PRECISE_WAKE = False
+    fresh = Hub()
+    step.start(type("Parent", (), {"hub": fresh})())
+    assert not isinstance(fresh.poller.poll, prefetch.PrecisePoll)
+    hub.close()
+    fresh.close()
