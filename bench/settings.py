@@ -64,6 +64,9 @@ if os.environ.get("BENCH_PUBLISH_AHEAD"):
 if os.environ.get("BENCH_METRICS") == "off":
     CELERY_SCHEDULLER_METRICS = False
     CELERY_SCHEDULLER_ACTIVITY_INTERVAL = None
+# BENCH_PRECISE_WAKE=off: the worker's loop wakes on the poller's own millisecond (WORKER_PRECISE_WAKE = False)
+if os.environ.get("BENCH_PRECISE_WAKE") == "off":
+    CELERY_SCHEDULLER_WORKER_PRECISE_WAKE = False
 CELERY_SCHEDULLER_POLL_INTERVAL = int(os.environ.get("BENCH_POLL_INTERVAL", "500"))
 # BENCH_ACK_EMULATION=off (bench/compare.py --no-ack-emulation, celery_scheduller's workers only): kombu's
 # Redis transport keeps no copy of the messages a worker took in (README: "Redis workers that serve only
