@@ -230,13 +230,16 @@ def _serve_metrics(**_: Any) -> None:
 
 def _warm_up(sender: Any = None, **_: Any) -> None:
     """``worker_ready`` (main process) and ``worker_process_init`` (a prefork child): what the first alarm
-    delivery would otherwise wait for is done now, the keys its header is checked with derived, the guard's
-    looker and (where tasks run in this process) the response writer started and connected."""
-    from . import registry, wire
+    delivery would otherwise wait for is done now: the modules it reads imported (tens of ms, the import lock
+    held, where the first alarms of a run would wait for them), the keys its header is checked with derived,
+    the metrics made, the guard's looker (with a first look, which loads the alarm table's plan in its database
+    session) and (where tasks run in this process) the response writer started and connected."""
+    from . import clock, registry, responses, store, wire  # noqa: F401  (imported now, not by the first alarm)
 
     try:
         wire._keys()
         registry.names()
+        metrics.get()
         if sender is not None and prefetch._guard and prefetch._guard[0].looker is not None:
             prefetch._guard[0].looker.start()  # the main process, whatever its pool
         if writer.serves() and (sender is None or not compat.runs_tasks_in_children(sender)):

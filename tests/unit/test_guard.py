@@ -117,12 +117,12 @@ def test_with_a_looker_the_looks_run_on_its_thread_and_the_event_loop_only_hands
     deadline = time.monotonic() + 5
     while len(guard.decided) < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert threads == ["celery_scheduller-guard"] and guard.looked == [[1, 2, 3]]
+    assert threads == ["celery_scheduller-guard"] * 2 and guard.looked == [[], [1, 2, 3]]  # its first look: at nothing
     assert guard.decided == {requests[0].id: orm.RUN, requests[1].id: orm.DROP}
     ran: list[str] = []
     on_due = guard.wrap(lambda request: ran.append(request.id))
     on_due(requests[0])
-    assert ran == [requests[0].id] and guard.looked == [[1, 2, 3]]  # decided ahead: no lookup when due
+    assert ran == [requests[0].id] and guard.looked == [[], [1, 2, 3]]  # decided ahead: no lookup when due
 
 
 def _until(condition: Any) -> None:
@@ -144,6 +144,8 @@ def test_a_delivery_due_before_its_look_ends_waits_for_the_looker_and_the_loop_n
     answer = store.held_verdicts
 
     def slow(refs: list[Ref]) -> dict[int, str]:  # a look that takes its time (a slow database)
+        if not refs:
+            return answer(refs)  # the looker's first look, at nothing, when it starts
         threads.append(threading.current_thread().name)
         go.wait(5)
         return answer(refs)
@@ -161,7 +163,7 @@ def test_a_delivery_due_before_its_look_ends_waits_for_the_looker_and_the_loop_n
     assert ran == [] and set(guard.awaiting) == {held.id, late.id}
     go.set()
     _until(lambda: not guard.looking)
-    assert sorted(map(sorted, guard.looked)) == [[1], [2]]  # ``held`` was not looked up a second time
+    assert sorted(map(sorted, guard.looked)) == [[], [1], [2]]  # ``held`` was not looked up a second time
     assert threads == ["celery_scheduller-guard"] * 2
     _until(lambda: guard.consumer.hub.soon)
     guard.consumer.hub.run_soon()  # the event loop hands them on
@@ -470,3 +472,11 @@ def test_the_consumer_step_makes_a_real_loop_poll_precisely_and_again_after_a_re
     assert not isinstance(fresh.poller.poll, prefetch.PrecisePoll)
     hub.close()
     fresh.close()
+
+
+def test_the_lookers_thread_looks_once_at_nothing_when_it_starts(guard, monkeypatch):
+    monkeypatch.setattr(prefetch.writer, "own_connection", lambda: None)
+    monkeypatch.setattr(prefetch.writer, "connect", lambda: None)
+    looker = prefetch.Looker()
+    looker.start()  # the worker is ready: before any delivery
+    _until(lambda: guard.looked == [[]])  # parsed and planned in the looker's session now, not at the first alarm
