@@ -250,8 +250,9 @@ SPECS: tuple[Spec, ...] = (
         "A worker's event loop sleeps in the poller with a timeout in whole milliseconds, rounded up, so a "
         "task held for its ``eta`` starts up to a millisecond after it (half of one on average). With this "
         "on, where a held alarm comes due before the loop would wake, the loop polls to the last whole "
-        "millisecond before its timer and sleeps the rest (``prefetch.PrecisePoll``): the timer fires within "
-        "microseconds. False: the loop wakes on its own timeout, as for any ``eta`` task.",
+        "millisecond before its timer and waits the rest on the poller's descriptor with ``select``, which "
+        "counts microseconds (``prefetch.PrecisePoll``; an event still ends the wait at once; Linux's epoll "
+        "poller only). False: the loop wakes on its own timeout, as for any ``eta`` task.",
     ),
 )
 

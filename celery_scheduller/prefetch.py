@@ -434,7 +434,10 @@ class PrecisePoll:
             return events
         rest = wake - time.time()
         if rest > 0:
-            select.select([self.fileno], [], [], rest)  # readable as soon as the poller has an event
+            try:
+                select.select([self.fileno], [], [], rest)  # readable as soon as the poller has an event
+            except (OSError, ValueError):  # the poller closed meanwhile: its own wait says what it is
+                return self.inner(rest)
         self.precise += 1
         return self.inner(0)
 
@@ -447,14 +450,16 @@ class PrecisePoll:
         if isinstance(getattr(poller, "poll", None), cls):
             return True
         epoll = getattr(poller, "_epoll", None)
-        if epoll is None or not hasattr(epoll, "fileno"):
-            return False
+        if epoll is None or not hasattr(epoll, "fileno") or epoll.fileno() >= FD_SETSIZE:
+            return False  # ``select`` takes descriptors below FD_SETSIZE only
         poller.poll = cls(poller.poll, due, epoll.fileno())
         return True
 
 
 #: Seconds a poller's timeout may be rounded up by (epoll counts whole milliseconds).
 CEILING = 0.001
+#: ``select`` takes descriptors below this only.
+FD_SETSIZE = 1024
 
 
 class DueTimes:

@@ -480,3 +480,20 @@ def test_the_lookers_thread_looks_once_at_nothing_when_it_starts(guard, monkeypa
     looker = prefetch.Looker()
     looker.start()  # the worker is ready: before any delivery
     _until(lambda: guard.looked == [[]])  # parsed and planned in the looker's session now, not at the first alarm
+
+
+def test_a_poller_select_cannot_wait_on_is_left_as_it_is():
+    class Epoll:
+        def fileno(self) -> int:
+            return prefetch.FD_SETSIZE  # beyond what ``select`` takes
+
+    class Poller:
+        _epoll = Epoll()
+
+        def poll(self, timeout: float | None) -> None:
+            return None
+
+    poller = Poller()
+    own = poller.poll
+    assert prefetch.PrecisePoll.install(type("Hub", (), {"poller": poller})(), prefetch.DueTimes()) is False
+    assert poller.poll == own
