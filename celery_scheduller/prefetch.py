@@ -411,7 +411,9 @@ class PrecisePoll:
     of one on average. Where a held alarm comes due by the time the loop would wake, this polls to the last
     whole millisecond before the timer, then waits the rest on the poller's own descriptor with ``select``,
     whose timeout counts microseconds: any event that comes meanwhile still ends the wait at once, as
-    before, and otherwise the loop wakes as its timer comes due. Any other wait is the poller's own."""
+    before, and otherwise the loop wakes as its timer comes due. Any other wait is the poller's own, and so is
+    every wait while the loop is busy (``BUSY_OFF``): near its limit, a turn that serves several due times and
+    messages at once keeps it from falling behind."""
 
     def __init__(self, poll: Callable[[float | None], Any], due: DueTimes, fileno: int) -> None:
         self.inner = poll
@@ -419,9 +421,37 @@ class PrecisePoll:
         self.fileno = fileno
         #: waits that ended on a held due time rather than on the poller's millisecond (for the curious)
         self.precise = 0
+        #: whether the loop was idle enough, over the last ``BUSY_WINDOW``, to wake on time (``BUSY_OFF``)
+        self.on = True
+        self._returned = time.perf_counter()  # when the last poll returned: the loop works until the next
+        self._busy = self._idle = 0.0
 
     def __call__(self, timeout: float | None) -> Any:
-        if timeout is None or timeout <= 0:
+        called = time.perf_counter()
+        self._busy += called - self._returned
+        try:
+            return self._poll(timeout)
+        finally:
+            self._returned = time.perf_counter()
+            self._idle += self._returned - called
+            if self._busy + self._idle >= BUSY_WINDOW:
+                self._turn(self._busy / (self._busy + self._idle))
+
+    def _turn(self, busy: float) -> None:
+        """A window has passed: on or off by the share of it the loop was working (with a margin between)."""
+        was, self._busy, self._idle = self.on, 0.0, 0.0
+        self.on = busy < (BUSY_OFF if was else BUSY_ON)
+        if self.on != was:
+            logger.debug(
+                "held alarms wake the event loop %s: it was busy %.0f%% of the last %s s",
+                "on time" if self.on else "on the poller's millisecond",
+                100 * busy,
+                BUSY_WINDOW,
+                extra={"action": "precise_wake", "busy": round(busy, 3)},
+            )
+
+    def _poll(self, timeout: float | None) -> Any:
+        if timeout is None or timeout <= 0 or not self.on:
             return self.inner(timeout)
         now = time.time()
         wake = now + timeout
@@ -460,6 +490,12 @@ class PrecisePoll:
 CEILING = 0.001
 #: ``select`` takes descriptors below this only.
 FD_SETSIZE = 1024
+#: Seconds over which ``PrecisePoll`` counts how busy the event loop is. Where it worked more than BUSY_OFF of
+#: that time, the loop is left to the poller's own wake, which serves several due times and messages per turn
+#: (waking for each would add turns to a loop near its limit); below BUSY_ON it wakes on time again.
+BUSY_WINDOW = 1.0
+BUSY_OFF = 0.4
+BUSY_ON = 0.25
 
 
 class DueTimes:
