@@ -497,3 +497,35 @@ def test_a_poller_select_cannot_wait_on_is_left_as_it_is():
     own = poller.poll
     assert prefetch.PrecisePoll.install(type("Hub", (), {"poller": poller})(), prefetch.DueTimes()) is False
     assert poller.poll == own
+
+
+def test_a_busy_loop_is_left_to_the_pollers_own_wake_until_it_is_idle_again():
+    due_times = prefetch.DueTimes()
+    inner = _Poll()
+    poll = inner.precise(due_times)
+    poll._turn(0.5)  # a second in which the loop worked half the time: near its limit
+    assert poll.on is False
+    now = time.time()
+    due_times.add(now + 0.0073, now)
+    poll(0.0073)
+    assert inner.timeouts == [0.0073] and poll.precise == 0  # one turn for what comes due meanwhile
+    poll._turn(0.3)  # between the two marks: stays as it was
+    assert poll.on is False
+    poll._turn(0.1)
+    assert poll.on is True
+    poll._turn(0.3)
+    assert poll.on is True
+
+
+def test_the_precise_poll_counts_the_loops_work_between_its_waits():
+    inner = _Poll()
+    poll = inner.precise(prefetch.DueTimes())
+    turns: list[float] = []
+    poll._turn = turns.append  # type: ignore[method-assign]
+    deadline = time.perf_counter() + prefetch.BUSY_WINDOW + 0.2
+    while time.perf_counter() < deadline and not turns:
+        poll(0)  # a wait that returns at once (the inner poll answers nothing)
+        spin = time.perf_counter() + 0.002
+        while time.perf_counter() < spin:  # the loop's work between two waits
+            pass
+    assert len(turns) == 1 and turns[0] > 0.9  # it worked nearly all of the window
