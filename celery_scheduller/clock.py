@@ -4,6 +4,8 @@ claims and deadlines, so hosts whose clocks disagree still agree on when an alar
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -28,13 +30,22 @@ class DatabaseClock:
         self.resync = resync
         self.offset = 0.0
         self._next_sync = float("-inf")
+        #: a later measurement runs on a thread of its own, with the offset as it was meanwhile, not in the
+        #: caller's (a worker's: its task threads would open a connection for it in a task's path)
+        self.apart = False
+        self._synced = False
 
     def now(self) -> float:
         """Database time as epoch seconds."""
         reading = self.local()
         if reading >= self._next_sync or reading < self._next_sync - 2 * self.resync:
-            self._sync()
-            self._next_sync = reading + self.resync
+            if self.apart and self._synced:
+                self._next_sync = reading + self.resync
+                threading.Thread(target=self._sync_apart, name="celery_scheduller-clock", daemon=True).start()
+            else:
+                self._sync()
+                self._synced = True
+                self._next_sync = reading + self.resync
         return reading + self.offset
 
     def now_datetime(self) -> dt.datetime:
@@ -61,6 +72,16 @@ class DatabaseClock:
         if server.tzinfo is None:  # UTC_TIMESTAMP is naive
             server = server.replace(tzinfo=dt.UTC)
         self.offset = server.timestamp() - (before + after) / 2
+
+    def _sync_apart(self) -> None:
+        from . import db
+
+        try:
+            self._sync()
+        except Exception as exc:  # the offset measured last stays; the next resync tries again
+            logging.getLogger("celery_scheduller").warning("cannot read the database's clock: %s", exc)
+        finally:
+            db.connection().close()
 
 
 #: The clock of this process (web, beat or worker).

@@ -246,6 +246,11 @@ def _warm_up(sender: Any = None, **_: Any) -> None:
             writer.default.warm()
     except Exception:
         logger.warning("warming up for alarm deliveries failed; the first one does it", exc_info=True)
+    clock.default.apart = True  # the database's clock is read again on a thread of its own, not a task's
+    try:
+        clock.default.now()  # read now, not by the first alarm
+    except Exception as exc:
+        logger.warning("cannot read the database's clock yet (%s); the first alarm does", exc)
     _freeze_gc()
 
 
