@@ -412,8 +412,8 @@ class PrecisePoll:
     whole millisecond before the timer, then waits the rest on the poller's own descriptor with ``select``,
     whose timeout counts microseconds: any event that comes meanwhile still ends the wait at once, as
     before, and otherwise the loop wakes as its timer comes due. Any other wait is the poller's own, and so is
-    every wait while the loop is busy (``BUSY_OFF``): near its limit, a turn that serves several due times and
-    messages at once keeps it from falling behind."""
+    every wait while the loop is busy (``BUSY_OFF``, and until a first ``BUSY_WINDOW`` has shown it is not):
+    near its limit, a turn that serves several due times and messages at once keeps it from falling behind."""
 
     def __init__(self, poll: Callable[[float | None], Any], due: DueTimes, fileno: int) -> None:
         self.inner = poll
@@ -421,8 +421,9 @@ class PrecisePoll:
         self.fileno = fileno
         #: waits that ended on a held due time rather than on the poller's millisecond (for the curious)
         self.precise = 0
-        #: whether the loop was idle enough, over the last ``BUSY_WINDOW``, to wake on time (``BUSY_OFF``)
-        self.on = True
+        #: whether the loop was idle enough, over the last ``BUSY_WINDOW``, to wake on time (``BUSY_ON``); off
+        #: until a first window says so, so a worker that starts near its limit is never tipped over it
+        self.on = False
         self._returned = time.perf_counter()  # when the last poll returned: the loop works until the next
         self._busy = self._idle = 0.0
 
@@ -493,9 +494,9 @@ FD_SETSIZE = 1024
 #: Seconds over which ``PrecisePoll`` counts how busy the event loop is. Where it worked more than BUSY_OFF of
 #: that time, the loop is left to the poller's own wake, which serves several due times and messages per turn
 #: (waking for each would add turns to a loop near its limit); below BUSY_ON it wakes on time again.
-BUSY_WINDOW = 1.0
-BUSY_OFF = 0.4
-BUSY_ON = 0.25
+BUSY_WINDOW = 0.5
+BUSY_OFF = 0.45
+BUSY_ON = 0.3
 
 
 class DueTimes:

@@ -371,7 +371,9 @@ class _Poll:
         return self.events if timeout else None
 
     def precise(self, due_times: prefetch.DueTimes) -> prefetch.PrecisePoll:
-        return prefetch.PrecisePoll(self, due_times, self.reader.fileno())
+        made = prefetch.PrecisePoll(self, due_times, self.reader.fileno())
+        made.on = True  # as after a window in which the loop was mostly idle
+        return made
 
 
 def test_a_wait_that_ends_on_a_held_due_time_polls_whole_milliseconds_and_waits_the_rest_to_the_microsecond():
@@ -455,7 +457,7 @@ def test_the_consumer_step_makes_a_real_loop_poll_precisely_and_again_after_a_re
     hub.add_reader(reader.fileno(), lambda: reader.recv(10))  # kombu's loop polls only with a reader to watch
     fired: list[float] = []
     now = time.time()
-    dues = [now + 0.05 + i * 0.0113 for i in range(5)]
+    dues = [now + prefetch.BUSY_WINDOW + 0.2 + i * 0.0113 for i in range(5)]  # after a first, idle, window
     poll = hub.poller.poll
     for due in dues:
         poll.due.add(due, now)
@@ -502,18 +504,21 @@ def test_a_poller_select_cannot_wait_on_is_left_as_it_is():
 def test_a_busy_loop_is_left_to_the_pollers_own_wake_until_it_is_idle_again():
     due_times = prefetch.DueTimes()
     inner = _Poll()
-    poll = inner.precise(due_times)
-    poll._turn(0.5)  # a second in which the loop worked half the time: near its limit
+    poll = prefetch.PrecisePoll(inner, due_times, inner.reader.fileno())
+    assert poll.on is False  # until a first window shows the loop is not near its limit
+    poll._turn(0.1)
+    assert poll.on is True
+    poll._turn(0.5)  # a window in which the loop worked half the time: near its limit
     assert poll.on is False
     now = time.time()
     due_times.add(now + 0.0073, now)
     poll(0.0073)
     assert inner.timeouts == [0.0073] and poll.precise == 0  # one turn for what comes due meanwhile
-    poll._turn(0.3)  # between the two marks: stays as it was
+    poll._turn(0.35)  # between the two marks: stays as it was
     assert poll.on is False
     poll._turn(0.1)
     assert poll.on is True
-    poll._turn(0.3)
+    poll._turn(0.35)
     assert poll.on is True
 
 
