@@ -41,11 +41,15 @@ LISTEN_INTERVAL = 0.1
 MAX_CLAIM_GAP = 0.02
 MIN_CLAIM_GAP = 0.005
 #: Publishing ahead, a claim takes everything due within the lead, so claims can be further apart: at most a
-#: quarter of the lead and AHEAD_CLAIM_GAP (each alarm still goes out at least 3/4 of the lead ahead), in
-#: batches of up to half of BATCH_SIZE. Beat's fixed cost per claim is then spread over many alarms at low
-#: rates too. An alarm due sooner than half the lead (dispatched for now, a quick retry) is claimed within
-#: MAX_CLAIM_GAP.
+#: quarter of the lead and AHEAD_CLAIM_GAP (each alarm still goes out at least 3/4 of the lead ahead), at
+#: least AHEAD_MIN_GAP, in batches of about AHEAD_CLAIM_BATCH between the two. Beat's fixed cost per claim is
+#: spread over many alarms at low rates too, and a worker takes each batch in (a burst of messages its event
+#: loop handles in one go: on RabbitMQ about a millisecond per task, the held alarms due meanwhile wait) in a
+#: few ms, not tens. An alarm due sooner than half the lead (dispatched for now, a quick retry) is claimed
+#: within MAX_CLAIM_GAP.
 AHEAD_CLAIM_GAP = 0.25
+AHEAD_MIN_GAP = 0.05
+AHEAD_CLAIM_BATCH = 16
 CLAIM_BATCH = 10
 #: Seconds between looks at the number in flight while MAX_IN_FLIGHT holds claims back.
 THROTTLE_PAUSE = 0.05
@@ -67,12 +71,13 @@ ROOM_RECOUNT = 1.0
 FLOOR_MARGIN = 1.0
 
 
-def claim_pacing(ahead: float, batch_size: int) -> tuple[int, float]:
-    """How many alarms a claim of held alarms aims at, and the longest gap between claims, for a lead of
-    ``ahead`` seconds (``AHEAD_CLAIM_GAP``)."""
+def claim_pacing(ahead: float) -> tuple[int, float, float]:
+    """How many alarms a claim of held alarms aims at, and the shortest and longest gaps between claims, for
+    a lead of ``ahead`` seconds (``AHEAD_CLAIM_GAP``)."""
     if ahead <= 0:
-        return CLAIM_BATCH, MAX_CLAIM_GAP
-    return max(CLAIM_BATCH, batch_size // 2), max(MAX_CLAIM_GAP, min(ahead / 4, AHEAD_CLAIM_GAP))
+        return CLAIM_BATCH, MIN_CLAIM_GAP, MAX_CLAIM_GAP
+    longest = max(MAX_CLAIM_GAP, min(ahead / 4, AHEAD_CLAIM_GAP))
+    return AHEAD_CLAIM_BATCH, min(AHEAD_MIN_GAP, longest), longest
 
 
 def _check_header_size(headers: dict[str, str], limit: int | None) -> None:
@@ -312,7 +317,7 @@ class AlarmEngine:
         limit = settings.integer("BATCH_SIZE")
         started = time.perf_counter()
         self._throttled = False
-        per_claim, longest = claim_pacing(ahead, limit)
+        per_claim, shortest, longest = claim_pacing(ahead)
         self._claim_gap = longest  # nothing claimed: as for a slow stream
         cap = settings.max_in_flight()
         capped = False
@@ -333,7 +338,7 @@ class AlarmEngine:
         taken_until = rows[-1]["dispatch_at"] if rows and len(rows) >= limit else until
         self._floor = taken_until - dt.timedelta(seconds=FLOOR_MARGIN)
         elapsed = now.timestamp() - self._claimed_at
-        self._claim_gap = claim_gap(len(rows), elapsed, per_claim, MIN_CLAIM_GAP, longest)
+        self._claim_gap = claim_gap(len(rows), elapsed, per_claim, shortest, longest)
         self._count_claim(rows, limit)
         if not rows:
             return False

@@ -167,9 +167,15 @@ def test_publishing_ahead_claims_a_stream_every_quarter_lead_and_a_soon_due_alar
 ):
     settings.CELERY_SCHEDULLER_PUBLISH_AHEAD = 1_000
     settings.CELERY_SCHEDULLER_BATCH_SIZE = 500
-    assert engine_module.claim_pacing(1.0, 500) == (250, engine_module.AHEAD_CLAIM_GAP)
-    assert engine_module.claim_pacing(0.04, 500) == (250, engine_module.MAX_CLAIM_GAP)  # a short lead: no longer
-    assert engine_module.claim_pacing(0.0, 500) == (engine_module.CLAIM_BATCH, engine_module.MAX_CLAIM_GAP)
+    ahead_batch, ahead_min = engine_module.AHEAD_CLAIM_BATCH, engine_module.AHEAD_MIN_GAP
+    assert engine_module.claim_pacing(1.0) == (ahead_batch, ahead_min, engine_module.AHEAD_CLAIM_GAP)
+    short = engine_module.MAX_CLAIM_GAP
+    assert engine_module.claim_pacing(0.04) == (ahead_batch, short, short)  # a short lead: no longer
+    assert engine_module.claim_pacing(0.0) == (
+        engine_module.CLAIM_BATCH,
+        engine_module.MIN_CLAIM_GAP,
+        engine_module.MAX_CLAIM_GAP,
+    )
     for n in range(400):
         memory.add(f"s-{n:03}", at(1.0 + n * 0.01))  # 100 a second from 1.0 s on
     tick(beat, clock, 0.0)  # the poll claims everything due within the lead
@@ -315,3 +321,15 @@ def _ok() -> Any:
     from celery_scheduller import Response
 
     return Response("ok", value=None)
+
+
+def test_publishing_ahead_a_stream_is_claimed_in_small_batches_so_workers_take_each_in_a_few_ms():
+    from celery_scheduller.planning import claim_gap
+
+    per_claim, shortest, longest = engine_module.claim_pacing(1.0)
+    # 100 a second: the last claim took 25 alarms in a quarter second; the next comes after 16 more
+    assert claim_gap(25, 0.25, per_claim, shortest, longest) == pytest.approx(0.16)
+    # 500 a second: every AHEAD_MIN_GAP (25 alarms), not every quarter second (125)
+    assert claim_gap(80, 0.16, per_claim, shortest, longest) == pytest.approx(engine_module.AHEAD_MIN_GAP)
+    # one alarm in a quarter second: the longest gap
+    assert claim_gap(1, 0.25, per_claim, shortest, longest) == pytest.approx(engine_module.AHEAD_CLAIM_GAP)
