@@ -33,18 +33,16 @@ class DatabaseClock:
         #: a later measurement runs on a thread of its own, with the offset as it was meanwhile, not in the
         #: caller's (a worker's: its task threads would open a connection for it in a task's path)
         self.apart = False
-        self._synced = False
 
     def now(self) -> float:
         """Database time as epoch seconds."""
         reading = self.local()
         if reading >= self._next_sync or reading < self._next_sync - 2 * self.resync:
-            if self.apart and self._synced:
+            if self.apart and self._next_sync > float("-inf"):  # measured once already
                 self._next_sync = reading + self.resync
                 threading.Thread(target=self._sync_apart, name="celery_scheduller-clock", daemon=True).start()
             else:
                 self._sync()
-                self._synced = True
                 self._next_sync = reading + self.resync
         return reading + self.offset
 

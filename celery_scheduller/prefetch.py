@@ -389,14 +389,9 @@ class Looker:
     @staticmethod
     def _warm() -> None:
         """A look at no delivery, before the first one: the statement is parsed and planned in this thread's
-        database session now, not 40 ms before the first alarm of a run."""
-        from . import store
-
-        try:
-            store.held_verdicts([])
-        except Exception as exc:
-            logger.warning("the guard's first look failed (%s); the next one tries again", exc)
-            db.close_if_unusable()
+        database session now, not 40 ms before the first alarm of a run (a failure is logged; the next tries)."""
+        if _guard:
+            _guard[0]._verdicts([])
 
 
 #: The most deliveries one look takes up (the rest go in the next).
@@ -612,11 +607,6 @@ class GuardHeldAlarms(bootsteps.StartStopStep):
                 PrecisePoll.install(hub, due_times)
             except Exception:
                 logger.warning("the event loop's poller could not be made precise; it wakes on its own", exc_info=True)
-
-    def stop(self, parent: Any) -> None:
-        pass
-
-    shutdown = stop
 
 
 def install(sender: Any = None, **_: Any) -> None:
