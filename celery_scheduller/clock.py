@@ -33,6 +33,7 @@ class DatabaseClock:
         #: a later measurement runs on a thread of its own, with the offset as it was meanwhile, not in the
         #: caller's (a worker's: its task threads would open a connection for it in a task's path)
         self.apart = False
+        self._apart: threading.Thread | None = None  # the measurement under way apart, if any
 
     def now(self) -> float:
         """Database time as epoch seconds."""
@@ -40,7 +41,9 @@ class DatabaseClock:
         if reading >= self._next_sync or reading < self._next_sync - 2 * self.resync:
             if self.apart and self._next_sync > float("-inf"):  # measured once already
                 self._next_sync = reading + self.resync
-                threading.Thread(target=self._sync_apart, name="celery_scheduller-clock", daemon=True).start()
+                if self._apart is None or not self._apart.is_alive():  # one at a time, however slow the database
+                    self._apart = threading.Thread(target=self._sync_apart, name="celery_scheduller-clock", daemon=True)
+                    self._apart.start()
             else:
                 self._sync()
                 self._next_sync = reading + self.resync

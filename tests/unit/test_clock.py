@@ -61,3 +61,16 @@ def test_apart_a_later_measurement_runs_on_a_thread_of_its_own_and_the_caller_go
     assert threads == [threading.current_thread().name, "celery_scheduller-clock"]
     assert made.now() == 1_061.5  # the new offset, and no third measurement within the period
     assert len(threads) == 2 and _Connection.closed == closed + 1  # the thread's connection closed
+
+
+def test_apart_a_measurement_still_under_way_is_not_started_again(monkeypatch):
+    go = threading.Event()
+    made, local, threads = _clock(monkeypatch, go)
+    made.apart = True
+    made.now()
+    for _ in range(3):  # a database that does not answer for minutes
+        local[0] += 61
+        made.now()
+    time.sleep(0.05)
+    assert threads.count("celery_scheduller-clock") == 1  # one thread waits on it, not one a minute
+    go.set()
